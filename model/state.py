@@ -1,0 +1,239 @@
+"""The recurrent session state: everything the model remembers of one session's history.
+
+Per Mamba layer a fixed-size conv and SSM state; per attention layer an append-only K/V
+cache; plus the token count. A step costs only its new tokens because ``prefill`` appends
+onto this object instead of re-reading the history.
+
+Rollback needs the Mamba states as they were at the target length, which cannot be
+recomputed backwards. ``snapshot()`` saves them (a few hundred KB to a few tens of MB), and a
+bounded ring of snapshots is kept; K/V is simply truncated. Serialisation lives in
+``model.state_codec``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .config import HybridLMConfig
+
+
+@dataclass
+class MambaLayerState:
+    conv: torch.Tensor  # [1, d_inner, d_conv], model dtype: the last d_conv conv inputs
+    ssm: torch.Tensor  # [1, d_inner, d_state], float32
+
+    def clone(self) -> "MambaLayerState":
+        return MambaLayerState(self.conv.clone(), self.ssm.clone())
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.ssm.nbytes
+
+
+class _KVBuffer:
+    """Preallocated K/V storage that several caches may share after a fork.
+
+    ``filled`` is how far anyone has written. A cache may write in place when it is the
+    only user, or when its own length equals ``filled`` (it is at the frontier, so no
+    other user's rows can be overwritten). Otherwise it copies first: copy-on-write.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, filled: int):
+        self.k, self.v, self.filled = k, v, filled
+        self.users: weakref.WeakSet[KVCache] = weakref.WeakSet()
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+
+class KVCache:
+    """The K/V rows of one attention layer: ``[1, kv_heads, length, head_dim]`` each."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        empty = torch.empty(1, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self._attach(_KVBuffer(empty, empty.clone(), 0))
+        self.length = 0
+
+    def _attach(self, buffer: _KVBuffer) -> None:
+        self._buf = buffer
+        buffer.users.add(self)
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._buf.k[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._buf.v[:, :, : self.length]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._buf.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._buf.k.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append rows and return the whole cache (views, no copy of the history)."""
+        n = k.shape[2]
+        end = self.length + n
+        buf = self._buf
+        shared = len(buf.users) > 1 and buf.filled != self.length
+        if shared or end > buf.capacity:
+            self._reallocate(end)
+            buf = self._buf
+        buf.k[:, :, self.length : end] = k
+        buf.v[:, :, self.length : end] = v
+        buf.filled = end
+        self.length = end
+        return self.k, self.v
+
+    def _reallocate(self, needed: int) -> None:
+        """Move this cache's rows into a fresh buffer with room to grow (amortised 1.5x)."""
+        old = self._buf
+        capacity = max(needed, int(old.capacity * 1.5), 64)
+        shape = (*old.k.shape[:2], capacity, old.k.shape[3])
+        k = torch.empty(shape, dtype=old.k.dtype, device=old.k.device)
+        v = torch.empty_like(k)
+        k[:, :, : self.length] = old.k[:, :, : self.length]
+        v[:, :, : self.length] = old.v[:, :, : self.length]
+        old.users.discard(self)
+        self._attach(_KVBuffer(k, v, self.length))
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a K/V cache of {self.length} rows to {length}")
+        self.length = length
+
+    def fork(self) -> "KVCache":
+        """A cache that shares this one's rows until either side writes over the other's."""
+        child = KVCache.__new__(KVCache)
+        child._attach(self._buf)
+        child.length = self.length
+        return child
+
+    def to(self, device: torch.device | str) -> "KVCache":
+        moved = KVCache(self._buf.k.shape[1], self._buf.k.shape[3], self.dtype, device)
+        moved.append(self.k.to(device), self.v.to(device))
+        return moved
+
+
+class SessionState:
+    """One session's memory: Mamba states, K/V caches and the token count.
+
+    Create it with ``SessionState.empty(config)`` and grow it with the model's ``prefill``.
+    """
+
+    def __init__(
+        self,
+        mamba: dict[int, MambaLayerState],
+        kv: dict[int, KVCache],
+        length: int = 0,
+        max_snapshots: int = 64,
+    ):
+        self.mamba = mamba
+        self.kv = kv
+        self.length = length
+        self.max_snapshots = max_snapshots
+        self._snapshots: OrderedDict[int, dict[int, MambaLayerState]] = OrderedDict()
+
+    @classmethod
+    def empty(
+        cls,
+        config: HybridLMConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_snapshots: int = 64,
+    ) -> "SessionState":
+        mamba = {
+            i: MambaLayerState(
+                conv=torch.zeros(1, config.d_inner, config.mamba_d_conv, dtype=dtype, device=device),
+                ssm=torch.zeros(1, config.d_inner, config.mamba_d_state, dtype=torch.float32, device=device),
+            )
+            for i in config.mamba_layers
+        }
+        kv = {
+            i: KVCache(config.num_key_value_heads, config.head_dim, dtype, device) for i in config.attention_layers
+        }
+        return cls(mamba, kv, 0, max_snapshots)
+
+    # ---------------------------------------------------------------- size and placement
+    @property
+    def nbytes(self) -> int:
+        """Bytes of live state: K/V rows in use plus Mamba states (snapshots excluded)."""
+        return sum(c.nbytes for c in self.kv.values()) + sum(m.nbytes for m in self.mamba.values())
+
+    @property
+    def snapshot_nbytes(self) -> int:
+        return sum(m.nbytes for snap in self._snapshots.values() for m in snap.values())
+
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.mamba.values()), None)
+        return first.ssm.device if first is not None else next(iter(self.kv.values())).device
+
+    def to(self, device: torch.device | str) -> "SessionState":
+        """A copy of this state on ``device`` (snapshots included)."""
+
+        def move(snap: dict[int, MambaLayerState]) -> dict[int, MambaLayerState]:
+            return {i: MambaLayerState(m.conv.to(device), m.ssm.to(device)) for i, m in snap.items()}
+
+        moved = SessionState(move(self.mamba), {i: c.to(device) for i, c in self.kv.items()}, self.length)
+        moved.max_snapshots = self.max_snapshots
+        moved._snapshots = OrderedDict((n, move(s)) for n, s in self._snapshots.items())
+        return moved
+
+    # ----------------------------------------------------------- fork, snapshot, rollback
+    def fork(self) -> "SessionState":
+        """An independent state with the same history. K/V rows are shared copy-on-write;
+        snapshots are immutable, so both sides may keep referencing them."""
+        child = SessionState(
+            {i: m.clone() for i, m in self.mamba.items()},
+            {i: c.fork() for i, c in self.kv.items()},
+            self.length,
+            self.max_snapshots,
+        )
+        child._snapshots = OrderedDict(self._snapshots)
+        return child
+
+    def snapshot(self) -> None:
+        """Remember the Mamba states at the current length, so ``rollback`` can return here."""
+        self._snapshots[self.length] = {i: m.clone() for i, m in self.mamba.items()}
+        self._snapshots.move_to_end(self.length)
+        while len(self._snapshots) > self.max_snapshots:
+            self._snapshots.popitem(last=False)
+
+    @property
+    def snapshot_lengths(self) -> list[int]:
+        return sorted(self._snapshots)
+
+    def rollback(self, length: int) -> None:
+        """Return to an earlier length: 0, or one that has a snapshot. Later snapshots are dropped."""
+        if length == self.length:
+            return
+        if length > self.length:
+            raise ValueError(f"cannot roll forward from {self.length} to {length} tokens")
+        if length != 0 and length not in self._snapshots:
+            raise KeyError(
+                f"no snapshot at length {length}; rollback targets are 0 and {self.snapshot_lengths} "
+                f"(the last {self.max_snapshots} snapshots are kept)"
+            )
+        for cache in self.kv.values():
+            cache.truncate(length)
+        if length == 0:  # the empty history: zero states, as at creation
+            self.mamba = {i: MambaLayerState(m.conv.new_zeros(m.conv.shape), m.ssm.new_zeros(m.ssm.shape)) for i, m in self.mamba.items()}
+        else:
+            self.mamba = {i: m.clone() for i, m in self._snapshots[length].items()}
+        for n in [n for n in self._snapshots if n > length]:
+            del self._snapshots[n]
+        self.length = length
