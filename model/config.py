@@ -121,6 +121,7 @@ class LongLLaVAConfig(HybridLMConfig):
 
     ``mm_vision_tower`` names a local CLIP directory. ``vision_config`` (a project field)
     describes a tower to build from scratch instead, as the embedded default model does.
+    ``image_tokens`` (144 or 36) is LongLLaVA's ``resamplePooling="2d"`` grid, 12x12 or 6x6.
     """
 
     mm_vision_tower: str | None = None
@@ -133,6 +134,7 @@ class LongLLaVAConfig(HybridLMConfig):
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     vision_config: VisionConfig | None = None
+    builtin_tokenizer: Literal["byte"] | None = None  # for models that ship no tokenizer files
 
     @property
     def image_grid(self) -> int:
@@ -151,6 +153,3 @@ class LongLLaVAConfig(HybridLMConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
-
-    def lm_config(self) -> HybridLMConfig:
-        return HybridLMConfig.model_validate(self.to_dict())

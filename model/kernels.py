@@ -59,44 +59,43 @@ def _discretize(
     if dt_bias is not None:
         dt = dt + dt_bias.float()
     dt = F.softplus(dt)
-    dA = torch.exp(dt.unsqueeze(-1) * A.float())
+    dA = (dt.unsqueeze(-1) * A.float()).exp_()
     dBx = (dt * x.float()).unsqueeze(-1) * B.float().unsqueeze(-2)
     return dA, dBx
 
 
-def _linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """All states of ``h_t = a_t * h_{t-1} + b_t`` along dim 1, in O(sqrt(T)) vector steps.
+def _block_size(T: int) -> int:
+    return max(1, math.isqrt(T))
 
-    The T positions are cut into blocks of ``Q ~ sqrt(T)``. Step one scans inside every
-    block at once (Q steps, vectorised over blocks); step two carries the state across
-    blocks (T/Q steps); step three adds each block's incoming state. Every product is of
-    factors in (0, 1], so nothing over- or underflows the way a cumsum of logs can.
-    ``a``, ``b``: ``[batch, T, d_inner, d_state]``; ``h0``: ``[batch, d_inner, d_state]``.
+
+def _scan(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``h_t = dA_t * h_{t-1} + dBx_t`` and read out ``y_t = C_t . h_t``, in O(sqrt(T)) vector steps.
+
+    The T positions (a multiple of ``Q = _block_size(T)``) form blocks of Q. (1) Scan inside
+    every block at once from a zero state (Q steps, vectorised over blocks). (2) Carry the
+    state across blocks (T/Q steps on one state). (3) For each in-block position, add the
+    decayed incoming state and contract with C, never holding all T states at once. Every
+    product is of factors in (0, 1], so nothing overflows the way a cumsum of logs can.
+    ``dA``, ``dBx``: ``[batch, T, d_inner, d_state]``; ``C``: ``[batch, T, d_state]``;
+    ``h0``: ``[batch, d_inner, d_state]``. Returns ``(y [batch, T, d_inner], h_T)``.
     """
-    batch, T = a.shape[:2]
-    q = max(1, math.isqrt(T))
-    nblocks = -(-T // q)
-    pad = nblocks * q - T
-    if pad:
-        a = torch.cat([a, a.new_ones(batch, pad, *a.shape[2:])], dim=1)
-        b = torch.cat([b, b.new_zeros(batch, pad, *b.shape[2:])], dim=1)
-    a = a.unflatten(1, (nblocks, q))
-    b = b.unflatten(1, (nblocks, q))
+    q = _block_size(dA.shape[1])
+    a, b, c = dA.unflatten(1, (-1, q)), dBx.unflatten(1, (-1, q)), C.unflatten(1, (-1, q))
 
-    # 1. inclusive scan inside every block, from a zero state
-    decay, state = [a[:, :, 0]], [b[:, :, 0]]
+    # 1. in-block states from zero, and the decay accumulated since each block's start
+    states, decays = [b[:, :, 0]], [a[:, :, 0]]
     for j in range(1, q):
-        state.append(a[:, :, j] * state[-1] + b[:, :, j])
-        decay.append(a[:, :, j] * decay[-1])
+        states.append(torch.addcmul(b[:, :, j], a[:, :, j], states[-1]))
+        decays.append(a[:, :, j] * decays[-1])
     # 2. the state entering each block
-    block_decay, block_state = decay[-1], state[-1]
     incoming, h = [], h0
-    for n in range(nblocks):
+    for k in range(a.shape[1]):
         incoming.append(h)
-        h = block_decay[:, n] * h + block_state[:, n]
-    # 3. local states plus the decayed incoming state
-    states = torch.stack(state, 2) + torch.stack(decay, 2) * torch.stack(incoming, 1).unsqueeze(2)
-    return states.flatten(1, 2)[:, :T]
+        h = torch.addcmul(states[-1][:, k], decays[-1][:, k], h)
+    entering = torch.stack(incoming, 1)  # [batch, blocks, d, n]
+    # 3. read out position j of every block
+    ys = [torch.einsum("bkdn,bkn->bkd", torch.addcmul(states[j], decays[j], entering), c[:, :, j]) for j in range(q)]
+    return torch.stack(ys, 2).flatten(1, 2), h
 
 
 def selective_scan(
@@ -115,16 +114,22 @@ def selective_scan(
     ``dt`` is before bias and softplus, as mamba-ssm's ``delta_softplus=True``.
     Returns ``(y [batch, d_inner, L], new_ssm_state)``.
     """
-    # time-major layout so the scan walks dim 1: [batch, L, d_inner(, d_state)]
-    xt, dtt, Bt, Ct = x.transpose(1, 2), dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
+    L = x.shape[-1]
+    pad = -L % _block_size(L)
+    # Time-major inputs, so the scan walks dim 1, padded to whole blocks with identity
+    # steps: dt = -inf gives decay 1 and input 0, and C = 0 reads nothing out.
+    xt, dtt, Bt, Ct = (
+        F.pad(t.transpose(1, 2).float(), (0, 0, 0, pad), value=v)
+        for t, v in ((x, 0.0), (dt, -torch.inf), (B, 0.0), (C, 0.0))
+    )
     dA, dBx = _discretize(xt, dtt, A, Bt, dt_bias)
-    states = _linear_scan(dA, dBx, ssm_state.float())
-    y = torch.einsum("btdn,btn->btd", states, Ct.float())
+    y, last = _scan(dA, dBx, Ct, ssm_state.float())
+    y = y[:, :L]
     if D is not None:
-        y = y + xt.float() * D.float()
+        y = y + xt[:, :L] * D.float()
     if z is not None:
         y = y * F.silu(z.transpose(1, 2).float())
-    return y.transpose(1, 2).to(x.dtype), states[:, -1]
+    return y.transpose(1, 2).to(x.dtype), last
 
 
 def selective_state_update(
@@ -162,3 +167,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     lq, s = q.shape[-2], k.shape[-2]
     mask = None if lq == 1 else causal_lower_right(lq, s)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def describe(device: torch.device | str) -> str:
+    """Which implementation each op uses on ``device``, for the engine's start-up log."""
+    sdpa = "torch SDPA (flash/memory-efficient)" if torch.device(device).type == "cuda" else "torch SDPA"
+    return f"selective scan, conv1d: pure-PyTorch reference; attention: {sdpa}"

@@ -1,0 +1,136 @@
+"""The action grammar: the text an agent emits, read as a typed action.
+
+    click(x, y)      x and y are integers in 0..1000, relative to the screenshot's
+                     width and height (the UI-TARS v1 / CogAgent / OS-Atlas convention)
+    type("text")     type text into the focused field
+    scroll(dx, dy)   integers; positive dy scrolls down, positive dx scrolls right
+    key("name")      press a key: key("Enter"), key("a"), key("ctrl+a")
+    wait()           do nothing this step
+    answer("text")   give the final answer
+
+String arguments are JSON string literals (double quotes, backslash escapes). Spaces
+around tokens are allowed; anything else is malformed. The agent (agent/) writes and
+parses the same grammar; envs only needs to read it.
+
+`parse_action` never raises: a malformed string gives None, which an environment
+scores as a wrong action. `format_action` writes the canonical text, and
+`parse_action(format_action(a)) == a` for every action that `parse_action` can return.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+COORDINATE_MAX = 1000  # click coordinates run over 0..COORDINATE_MAX on both axes
+
+
+@dataclass(frozen=True)
+class Click:
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class TypeText:
+    text: str
+
+
+@dataclass(frozen=True)
+class Scroll:
+    dx: int
+    dy: int
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    pass
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+
+
+Action = Click | TypeText | Scroll | Key | Wait | Answer
+
+_CALL = re.compile(r"\s*([a-z]+)\s*\((.*)\)\s*", re.DOTALL)
+# ASCII digits only: int() would also accept other scripts' digits. Nine digits at
+# most keeps int() far from Python's limit on digit strings.
+_TWO_INTS = re.compile(r"\s*([+-]?[0-9]{1,9})\s*,\s*([+-]?[0-9]{1,9})\s*")
+_ONE_STRING = re.compile(r'\s*("(?:[^"\\]|\\.)*")\s*', re.DOTALL)
+_NOTHING = re.compile(r"\s*")
+
+
+def parse_action(text: str) -> Action | None:
+    """The action `text` spells, or None if it is not in the grammar."""
+    if not isinstance(text, str):
+        return None
+    call = _CALL.fullmatch(text)
+    if call is None:
+        return None
+    verb, args = call.groups()
+    if verb in ("click", "scroll"):
+        numbers = _TWO_INTS.fullmatch(args)
+        if numbers is None:
+            return None
+        a, b = int(numbers[1]), int(numbers[2])
+        if verb == "scroll":
+            return Scroll(a, b)
+        in_range = 0 <= a <= COORDINATE_MAX and 0 <= b <= COORDINATE_MAX
+        return Click(a, b) if in_range else None
+    if verb in ("type", "key", "answer"):
+        literal = _ONE_STRING.fullmatch(args)
+        if literal is None:
+            return None
+        try:
+            value = json.loads(literal[1], strict=False)  # strict=False admits raw newlines
+        except ValueError:
+            return None
+        if verb == "type":
+            return TypeText(value)
+        if verb == "answer":
+            return Answer(value)
+        return Key(value) if value else None
+    if verb == "wait" and _NOTHING.fullmatch(args):
+        return Wait()
+    return None
+
+
+def format_action(action: Action) -> str:
+    """The canonical text of `action`."""
+    match action:
+        case Click(x, y):
+            return f"click({x}, {y})"
+        case Scroll(dx, dy):
+            return f"scroll({dx}, {dy})"
+        case TypeText(text):
+            return f"type({_quote(text)})"
+        case Key(name):
+            return f"key({_quote(name)})"
+        case Answer(text):
+            return f"answer({_quote(text)})"
+        case Wait():
+            return "wait()"
+    raise TypeError(f"not an action: {action!r}")
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def to_pixel(coordinate: int, size: int) -> int:
+    """The pixel, on an axis of `size` pixels, that a 0..1000 coordinate points at."""
+    return min(coordinate * size // COORDINATE_MAX, size - 1)
+
+
+def from_pixel(pixel: int, size: int) -> int:
+    """The 0..1000 coordinate of pixel `pixel`'s centre; `to_pixel` maps it back to
+    `pixel` whenever the axis has at most 1000 pixels."""
+    return round((pixel + 0.5) * COORDINATE_MAX / size)

@@ -1,0 +1,178 @@
+"""Drawing screens with Pillow.
+
+A task describes each screen as a few elements placed in 0..1000 units, the same units
+as the action grammar's click coordinates. The same episode then renders at any screen
+size, and a click hits exactly the pixels an element was drawn on (see `hits`).
+Every screen is a small app window: a title bar, then the content area `CONTENT`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from envs.actions import COORDINATE_MAX, Click, to_pixel
+
+Color = tuple[int, int, int]
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in 0..1000 units; x1 and y1 exclusive
+
+WHITE: Color = (255, 255, 255)
+BLACK: Color = (20, 20, 20)
+GREY: Color = (150, 150, 150)
+PAPER: Color = (244, 244, 240)
+TITLE_BAR: Color = (52, 58, 72)
+
+PALETTE: dict[str, Color] = {
+    "red": (214, 48, 49),
+    "green": (39, 174, 96),
+    "blue": (41, 98, 255),
+    "orange": (243, 140, 20),
+    "purple": (142, 68, 173),
+    "teal": (22, 160, 160),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
+
+TITLE_HEIGHT = 80
+CONTENT: Box = (30, TITLE_HEIGHT + 30, 970, 970)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A filled rectangle (a button, a card, a field), with an optional centred label."""
+
+    box: Box
+    fill: Color
+    label: str = ""
+    ink: Color = BLACK
+    outline: Color | None = None
+
+
+@dataclass(frozen=True)
+class Label:
+    """One line of text whose top-left corner is at `xy`; `size` is in 0..1000 units
+    of the screen height."""
+
+    xy: tuple[int, int]
+    text: str
+    size: int = 50
+    ink: Color = BLACK
+
+
+@dataclass(frozen=True)
+class Icon:
+    """A filled shape from `SHAPES`; `radius` is in 0..1000 units of the shorter side."""
+
+    shape: str
+    center: tuple[int, int]
+    radius: int
+    fill: Color
+
+
+Element = Panel | Label | Icon
+
+
+@dataclass(frozen=True)
+class Screen:
+    """What one step shows, and the instruction that comes with it."""
+
+    title: str
+    instruction: str
+    elements: tuple[Element, ...] = ()
+    background: Color = PAPER
+
+
+def render(screen: Screen, width: int, height: int) -> np.ndarray:
+    """The screenshot of `screen`: uint8, shape (height, width, 3)."""
+    image = Image.new("RGB", (width, height), screen.background)
+    draw = ImageDraw.Draw(image)
+    _panel(draw, Panel((0, 0, COORDINATE_MAX, TITLE_HEIGHT), TITLE_BAR), width, height)
+    _label(draw, Label((25, TITLE_HEIGHT // 5), screen.title, TITLE_HEIGHT * 3 // 5, WHITE), width, height)
+    for element in screen.elements:
+        match element:
+            case Panel():
+                _panel(draw, element, width, height)
+            case Label():
+                _label(draw, element, width, height)
+            case Icon():
+                _icon(draw, element, width, height)
+    return np.array(image)
+
+
+def hits(box: Box, click: Click, width: int, height: int) -> bool:
+    """Whether `click` lands on a pixel that `box` covers when drawn at this size."""
+    x0, y0, x1, y1 = _pixels(box, width, height)
+    return x0 <= to_pixel(click.x, width) < x1 and y0 <= to_pixel(click.y, height) < y1
+
+
+def grid(rows: int, cols: int, area: Box = CONTENT) -> list[Box]:
+    """`area` cut into rows x cols equal cells, row by row: a layout with no overlaps."""
+    x0, y0, x1, y1 = area
+    w, h = (x1 - x0) // cols, (y1 - y0) // rows
+    return [(x0 + c * w, y0 + r * h, x0 + (c + 1) * w, y0 + (r + 1) * h) for r in range(rows) for c in range(cols)]
+
+
+def place(cell: Box, size: tuple[int, int], rng: np.random.Generator) -> Box:
+    """A box of `size` at a random spot inside `cell`, so layouts vary between episodes."""
+    x0, y0, x1, y1 = cell
+    w, h = size
+    x = x0 + int(rng.integers(0, x1 - x0 - w + 1))
+    y = y0 + int(rng.integers(0, y1 - y0 - h + 1))
+    return (x, y, x + w, y + h)
+
+
+def _pixels(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    return (x0 * width // COORDINATE_MAX, y0 * height // COORDINATE_MAX,
+            x1 * width // COORDINATE_MAX, y1 * height // COORDINATE_MAX)
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(size, 6))
+
+
+def _panel(draw: ImageDraw.ImageDraw, panel: Panel, width: int, height: int) -> None:
+    x0, y0, x1, y1 = _pixels(panel.box, width, height)
+    if x1 <= x0 or y1 <= y0:
+        return
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=panel.fill, outline=panel.outline)
+    if panel.label:
+        font = _font((y1 - y0) // 2)
+        longest = 0.9 * (x1 - x0)
+        if font.getlength(panel.label) > longest:  # shrink the font until the label fits
+            font = _font(int(font.size * longest / font.getlength(panel.label)))
+        draw.text(((x0 + x1) / 2, (y0 + y1) / 2), panel.label, fill=panel.ink, font=font, anchor="mm")
+
+
+def _label(draw: ImageDraw.ImageDraw, label: Label, width: int, height: int) -> None:
+    x, y = label.xy
+    position = (x * width // COORDINATE_MAX, y * height // COORDINATE_MAX)
+    draw.text(position, label.text, fill=label.ink, font=_font(label.size * height // COORDINATE_MAX))
+
+
+def _icon(draw: ImageDraw.ImageDraw, icon: Icon, width: int, height: int) -> None:
+    cx, cy = icon.center[0] * width // COORDINATE_MAX, icon.center[1] * height // COORDINATE_MAX
+    r = max(icon.radius * min(width, height) // COORDINATE_MAX, 2)
+    match icon.shape:
+        case "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=icon.fill)
+        case "square":
+            draw.regular_polygon((cx, cy, r), 4, fill=icon.fill)
+        case "diamond":
+            draw.regular_polygon((cx, cy, r), 4, rotation=45, fill=icon.fill)
+        case "triangle":
+            draw.regular_polygon((cx, cy, r), 3, fill=icon.fill)
+        case "hexagon":
+            draw.regular_polygon((cx, cy, r), 6, fill=icon.fill)
+        case "star":
+            points = [
+                (cx + radius * math.sin(k * math.pi / 5), cy - radius * math.cos(k * math.pi / 5))
+                for k, radius in zip(range(10), [r, r * 0.45] * 5)
+            ]
+            draw.polygon(points, fill=icon.fill)
+        case _:
+            raise ValueError(f"unknown shape {icon.shape!r}")

@@ -1,0 +1,188 @@
+"""Load and save LongLLaVA checkpoints in the Hugging Face layout.
+
+A checkpoint directory holds ``config.json`` and the weights as ``model.safetensors`` or as
+shards plus ``model.safetensors.index.json``, under LongLLaVA's key names:
+``model.embed_tokens``, ``model.layers.{i}.mamba.*``, ``model.layers.{i}.moe.router``,
+``model.layers.{i}.moe.experts.{j}.{gate,up,down}_proj``, ``model.final_layernorm``,
+``lm_head``, ``model.mm_projector.{0,2}``. The CLIP tower lives in its own local directory
+(``mm_vision_tower`` in the config, relative to the checkpoint or absolute), as LongLLaVA
+loads it; tower weights inside the checkpoint, when present, win.
+
+Weights are read with safetensors straight onto the target device; a model is first built
+on the meta device, so a 53B checkpoint never exists twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import LongLLaVAConfig
+from .longllava import LongLLaVA
+from .vision import VisionEncoder
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOWER_DIR = "vision_tower"
+
+# (this project's prefix, LongLLaVA's prefix), most specific first
+_PREFIXES = [
+    ("llm.lm_head.", "lm_head."),
+    ("llm.", "model."),
+    ("projector.", "model.mm_projector."),
+    ("vision.tower.", "model.vision_tower.vision_tower."),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete, corrupt or of another model."""
+
+
+def to_longllava_key(key: str) -> str:
+    for ours, theirs in _PREFIXES:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    raise KeyError(f"no LongLLaVA name for parameter {key!r}")
+
+
+def from_longllava_key(key: str) -> str | None:
+    for ours, theirs in _PREFIXES:
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    return None
+
+
+# ---------------------------------------------------------------------------- reading
+def _weight_files(path: Path) -> dict[str, list[str]]:
+    """Shard file name -> the keys it holds, from the index or the single file."""
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must be an object")
+        files: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or Path(name).name != name:
+                raise CheckpointError(f"{index}: shard name {name!r} must be a plain file name")
+            files.setdefault(name, []).append(key)
+        return files
+    if (path / SINGLE_NAME).exists():
+        return {SINGLE_NAME: []}  # keys come from the file itself
+    raise CheckpointError(f"{path} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
+
+
+def read_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint under their stored names, checked against the index."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, expected in _weight_files(path).items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"shard {file} named by the index is missing")
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                keys = list(f.keys())
+                if expected and set(expected) != set(keys):
+                    raise CheckpointError(f"shard {file} does not hold the keys its index lists")
+                for key in keys:
+                    tensors[key] = f.get_tensor(key)
+        except SafetensorError as exc:
+            raise CheckpointError(f"shard {file} is not a readable safetensors file: {exc}") from None
+    return tensors
+
+
+def _resolve_tower(path: Path, config: LongLLaVAConfig, vision_tower_path: str | Path | None) -> Path | None:
+    where = vision_tower_path or config.mm_vision_tower
+    if where is None:
+        return None
+    tower = Path(where)
+    return tower if tower.is_absolute() else path / tower
+
+
+def load_checkpoint(
+    path: str | Path,
+    vision_tower_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LongLLaVA:
+    """A ``LongLLaVA`` with every parameter from ``path`` (and the tower's directory)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        config = LongLLaVAConfig.from_json_file(path / "config.json")
+    except ValueError as exc:
+        raise CheckpointError(f"{path / 'config.json'} is not a valid LongLLaVA config: {exc}") from None
+
+    stored = read_weights(path, device)
+    ours: dict[str, torch.Tensor] = {}
+    for key, value in stored.items():
+        mine = from_longllava_key(key)
+        if mine is None:
+            raise CheckpointError(f"{path}: unexpected parameter {key!r}")
+        ours[mine] = value
+    tower_in_checkpoint = any(k.startswith("vision.tower.") for k in ours)
+    tower_dir = None if tower_in_checkpoint else _resolve_tower(path, config, vision_tower_path)
+    if not tower_in_checkpoint and tower_dir is None:
+        raise CheckpointError(f"{path}: no vision tower (set mm_vision_tower in config.json or pass vision_tower_path)")
+    vision = VisionEncoder.from_directory(tower_dir, config) if tower_dir is not None else None
+    with torch.device("meta"):  # parameters are assigned from the files below, never initialised
+        model = LongLLaVA(config, vision=vision)
+
+    expected = {k: v for k, v in model.state_dict().items() if tower_dir is None or not k.startswith("vision.")}
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} parameters are missing, e.g. {missing[:3]}")
+    for key, value in ours.items():
+        if key not in expected:
+            raise CheckpointError(f"{path}: parameter {to_longllava_key(key)!r} does not belong to this config")
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path}: {to_longllava_key(key)} has shape {tuple(value.shape)}, the config needs {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(ours, strict=False, assign=True)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+# ---------------------------------------------------------------------------- writing
+def save_checkpoint(model: LongLLaVA, path: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """Write ``model`` in the layout ``load_checkpoint`` (and LongLLaVA) reads.
+
+    The tower goes to ``vision_tower/`` as a CLIP directory, referenced from the config.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.vision.save_directory(path / TOWER_DIR)
+    config = model.config.model_copy(update={"mm_vision_tower": TOWER_DIR})
+    config.to_json_file(path / "config.json")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in model.state_dict().items():
+        if key.startswith("vision."):
+            continue
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][to_longllava_key(key)] = value.detach().contiguous().cpu()
+        size += nbytes
+    for stale in [*path.glob("model-*-of-*.safetensors"), path / SINGLE_NAME, path / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE_NAME), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
