@@ -131,6 +131,7 @@ def to_pixel(coordinate: int, size: int) -> int:
 
 
 def from_pixel(pixel: int, size: int) -> int:
-    """The 0..1000 coordinate of pixel `pixel`'s centre; `to_pixel` maps it back to
-    `pixel` whenever the axis has at most 1000 pixels."""
-    return round((pixel + 0.5) * COORDINATE_MAX / size)
+    """A 0..1000 coordinate near pixel `pixel`'s centre that `to_pixel` maps back to
+    `pixel` (always possible when the axis has at most 1000 pixels)."""
+    first_on_pixel = -(-pixel * COORDINATE_MAX // size)  # ceil(pixel * 1000 / size)
+    return max(first_on_pixel, (2 * pixel + 1) * COORDINATE_MAX // (2 * size))

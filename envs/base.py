@@ -23,8 +23,9 @@ and `_sampler()`, the random baseline's guess (see `envs.spaces.ActionText`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import gymnasium as gym
 import numpy as np
@@ -41,6 +42,13 @@ MAX_MEMORY_SPAN = 1000
 RIGHT, WRONG = 1.0, -1.0
 WAIT = format_action(Wait())
 
+T = TypeVar("T")
+
+
+def pick(rng: np.random.Generator, items: Sequence[T], k: int) -> list[T]:
+    """k distinct items in random order (plain Python values, unlike `rng.choice`)."""
+    return [items[i] for i in rng.permutation(len(items))[:k]]
+
 
 @dataclass(frozen=True)
 class Episode:
@@ -54,7 +62,10 @@ class Episode:
 
 class ScreenEnv(gym.Env[dict[str, Any], str]):
     """Observation: {"screenshot": uint8 (height, width, 3), "instruction": str}.
-    Action: a string in the action grammar (`envs.actions`)."""
+    Action: a string in the action grammar (`envs.actions`).
+
+    `width` and `height` are the screenshot's size in pixels; `memory_span` is the number
+    of watch screens before the question (the task's default when None)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
     default_memory_span = 8
@@ -91,7 +102,7 @@ class ScreenEnv(gym.Env[dict[str, Any], str]):
         )
         self.action_space = ActionText(self._sampler())
         self._episode: Episode | None = None
-        self._step = 0
+        self._t = 0
         self._frame = np.zeros((height, width, 3), np.uint8)
 
     # --- what a task provides -------------------------------------------------------
@@ -113,16 +124,16 @@ class ScreenEnv(gym.Env[dict[str, Any], str]):
         super().reset(seed=seed)
         self._episode = self._make_episode(self.np_random)
         assert len(self._episode.screens) == self.memory_span + 1
-        self._step = 0
+        self._t = 0
         return self._observe(), {"solution": self._solution()}
 
     def step(self, action: str):
         parsed = parse_action(action)
         error = "" if parsed is not None else f"not an action in the grammar: {str(action)[:200]!r}"
         info: dict[str, Any] = {"action_error": error}
-        if self._step < self.memory_span:
+        if self._t < self.memory_span:
             reward, terminated = (0.0 if parsed is not None else WRONG), False
-            self._step += 1
+            self._t += 1
             observation = self._observe()
         else:
             success = parsed is not None and self._is_right(parsed)
@@ -139,14 +150,14 @@ class ScreenEnv(gym.Env[dict[str, Any], str]):
 
     def _observe(self) -> dict[str, Any]:
         """Draws the current screen and returns its observation."""
-        self._frame = render(self._episode.screens[self._step], self.width, self.height)
+        self._frame = render(self._episode.screens[self._t], self.width, self.height)
         return self._observation()
 
     def _observation(self) -> dict[str, Any]:
-        return {"screenshot": self._frame.copy(), "instruction": self._episode.screens[self._step].instruction}
+        return {"screenshot": self._frame.copy(), "instruction": self._episode.screens[self._t].instruction}
 
     def _solution(self) -> str:
-        return WAIT if self._step < self.memory_span else format_action(self._episode.solution)
+        return WAIT if self._t < self.memory_span else format_action(self._episode.solution)
 
     def _is_right(self, action: Action) -> bool:
         solution = self._episode.solution

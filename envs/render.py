@@ -115,6 +115,12 @@ def grid(rows: int, cols: int, area: Box = CONTENT) -> list[Box]:
     return [(x0 + c * w, y0 + r * h, x0 + (c + 1) * w, y0 + (r + 1) * h) for r in range(rows) for c in range(cols)]
 
 
+def inset(box: Box, dx: int, dy: int) -> Box:
+    """`box` shrunk by dx on the left and right and dy on the top and bottom."""
+    x0, y0, x1, y1 = box
+    return (x0 + dx, y0 + dy, x1 - dx, y1 - dy)
+
+
 def place(cell: Box, size: tuple[int, int], rng: np.random.Generator) -> Box:
     """A box of `size` at a random spot inside `cell`, so layouts vary between episodes."""
     x0, y0, x1, y1 = cell

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from gymnasium.spaces import Text
 
-from envs.actions import Action, format_action
+from envs.actions import COORDINATE_MAX, Action, Answer, Click, format_action
 
 MAX_TEXT_LENGTH = 4096
 
@@ -53,8 +53,9 @@ class ActionText(Unicode):
     action rather than an invalid one. `sample` draws a well-formed action from the
     task's `sampler`, so `env.action_space.sample()` is the task's random baseline.
 
-    Equality ignores the sampler: two spaces holding the same strings are equal, as
-    Gymnasium requires of the sub-environments of a vector environment."""
+    Equality ignores the sampler, which does not change what belongs to the space. It
+    also could not be compared: an AsyncVectorEnv checks each worker's space against its
+    own, and the worker's sampler arrives as a copy."""
 
     def __init__(self, sampler: Sampler, max_length: int = MAX_TEXT_LENGTH, seed: int | None = None):
         super().__init__(max_length, seed=seed)
@@ -64,3 +65,13 @@ class ActionText(Unicode):
         if mask is not None or probability is not None:
             raise ValueError("ActionText samples from its task's sampler; it takes no mask")
         return format_action(self.sampler(self.np_random))
+
+
+def uniform_click(rng: np.random.Generator) -> Click:
+    """A click anywhere on the screen."""
+    return Click(int(rng.integers(0, COORDINATE_MAX + 1)), int(rng.integers(0, COORDINATE_MAX + 1)))
+
+
+def uniform_answer(rng: np.random.Generator, choices: tuple[str, ...]) -> Answer:
+    """One of a question's `choices`, as `functools.partial(uniform_answer, choices=...)`."""
+    return Answer(choices[int(rng.integers(len(choices)))])

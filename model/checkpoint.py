@@ -5,8 +5,8 @@ shards plus ``model.safetensors.index.json``, under LongLLaVA's key names:
 ``model.embed_tokens``, ``model.layers.{i}.mamba.*``, ``model.layers.{i}.moe.router``,
 ``model.layers.{i}.moe.experts.{j}.{gate,up,down}_proj``, ``model.final_layernorm``,
 ``lm_head``, ``model.mm_projector.{0,2}``. The CLIP tower lives in its own local directory
-(``mm_vision_tower`` in the config, relative to the checkpoint or absolute), as LongLLaVA
-loads it; tower weights inside the checkpoint, when present, win.
+(``mm_vision_tower`` in the config, relative to the checkpoint or absolute); as in
+LongLLaVA, tower weights inside the checkpoint are ignored.
 
 Weights are read with safetensors straight onto the target device; a model is first built
 on the meta device, so a 53B checkpoint never exists twice in memory.
@@ -29,13 +29,14 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TOWER_DIR = "vision_tower"
 
-# (this project's prefix, LongLLaVA's prefix), most specific first
+# (this project's prefix, LongLLaVA's prefix); lookups try the longest prefix first
 _PREFIXES = [
     ("llm.lm_head.", "lm_head."),
-    ("llm.", "model."),
     ("projector.", "model.mm_projector."),
-    ("vision.tower.", "model.vision_tower.vision_tower."),
+    ("llm.", "model."),
 ]
+# LongLLaVA loads its tower from mm_vision_tower and ignores tower weights in the checkpoint
+_IGNORED = "model.vision_tower."
 
 
 class CheckpointError(ValueError):
@@ -43,14 +44,14 @@ class CheckpointError(ValueError):
 
 
 def to_longllava_key(key: str) -> str:
-    for ours, theirs in _PREFIXES:
+    for ours, theirs in sorted(_PREFIXES, key=lambda p: -len(p[0])):
         if key.startswith(ours):
             return theirs + key[len(ours) :]
     raise KeyError(f"no LongLLaVA name for parameter {key!r}")
 
 
 def from_longllava_key(key: str) -> str | None:
-    for ours, theirs in _PREFIXES:
+    for ours, theirs in sorted(_PREFIXES, key=lambda p: -len(p[1])):
         if key.startswith(theirs):
             return ours + key[len(theirs) :]
     return None
@@ -120,22 +121,22 @@ def load_checkpoint(
     except ValueError as exc:
         raise CheckpointError(f"{path / 'config.json'} is not a valid LongLLaVA config: {exc}") from None
 
-    stored = read_weights(path, device)
+    tower_dir = _resolve_tower(path, config, vision_tower_path)
+    if tower_dir is None:
+        raise CheckpointError(f"{path}: no vision tower (set mm_vision_tower in config.json or pass vision_tower_path)")
+    vision = VisionEncoder.from_directory(tower_dir, config)
     ours: dict[str, torch.Tensor] = {}
-    for key, value in stored.items():
+    for key, value in read_weights(path, device).items():
+        if key.startswith(_IGNORED):
+            continue
         mine = from_longllava_key(key)
         if mine is None:
             raise CheckpointError(f"{path}: unexpected parameter {key!r}")
         ours[mine] = value
-    tower_in_checkpoint = any(k.startswith("vision.tower.") for k in ours)
-    tower_dir = None if tower_in_checkpoint else _resolve_tower(path, config, vision_tower_path)
-    if not tower_in_checkpoint and tower_dir is None:
-        raise CheckpointError(f"{path}: no vision tower (set mm_vision_tower in config.json or pass vision_tower_path)")
-    vision = VisionEncoder.from_directory(tower_dir, config) if tower_dir is not None else None
     with torch.device("meta"):  # parameters are assigned from the files below, never initialised
         model = LongLLaVA(config, vision=vision)
 
-    expected = {k: v for k, v in model.state_dict().items() if tower_dir is None or not k.startswith("vision.")}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
     missing = sorted(set(expected) - set(ours))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} parameters are missing, e.g. {missing[:3]}")

@@ -53,7 +53,9 @@ class StepResult(BaseModel):
 
 
 class TokenEvent(BaseModel):
-    """One streamed piece of a generation. The last event has ``finish_reason`` set."""
+    """One streamed token and the text it completes (possibly empty: a partial character,
+    or text that may still turn into a stop string). The last event carries no token and
+    sets ``finish_reason``; a token that ends generation (EOS, a stop string) is not streamed."""
 
     token_id: int | None = None
     text: str = ""
@@ -222,7 +224,7 @@ class Engine:
             eos = set() if sampling.ignore_eos else set(self.model.config.eos_token_ids)
             hold = max((len(x) for x in sampling.stop), default=1) - 1  # text that may still become a stop string
             text, sent, finish = "", 0, "length"
-            for _ in range(sampling.max_new_tokens):
+            for i in range(sampling.max_new_tokens):
                 token = sample_next(s.next_logits, sampling, generator)
                 with self._model_lock, torch.no_grad():
                     s.next_logits = self.model.prefill(s.state, self.model.embed([token]))
@@ -231,13 +233,15 @@ class Engine:
                     finish = "stop"
                     break
                 text += decoder.feed(token)
+                if i + 1 == sampling.max_new_tokens:
+                    text += decoder.finish()
                 cut = find_stop(text, sampling.stop)
                 if cut is not None:
                     text, finish = text[:cut], "stop"
                     break
-                if len(text) - hold > sent:
-                    yield TokenEvent(token_id=token, text=text[sent : len(text) - hold])
-                    sent = len(text) - hold
+                ready = max(sent, len(text) - hold)  # hold back what may still become a stop string
+                yield TokenEvent(token_id=token, text=text[sent:ready])
+                sent = ready
             yield TokenEvent(text=text[sent:], finish_reason=finish)
         finally:
             s.lock.release()

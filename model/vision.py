@@ -1,0 +1,142 @@
+"""The vision path: CLIP preprocessing, the CLIP ViT tower, 2D pooling and the projector.
+
+An image becomes ``image_tokens`` rows in the LLM's width: pad to a square with the mean
+colour, resize to 336 px, run CLIP, take ``hidden_states[-2]`` without CLS (a 24x24
+grid), resize that grid bilinearly to 12x12 (144 tokens) or 6x6 (36), and project with
+Linear-GELU-Linear. This is LongLLaVA's ``resamplePooling="2d"`` path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image as PILImage
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from .config import LongLLaVAConfig, VisionConfig
+from .prompt import as_rgb
+
+
+def _image_size(config: LongLLaVAConfig) -> int:
+    """The tower's input size: from ``vision_config``, else that of CLIP ViT-L/14-336."""
+    return (config.vision_config or VisionConfig()).image_size
+
+
+def preprocess_image(image: Any, config: LongLLaVAConfig) -> torch.Tensor:
+    """A PIL image or uint8 array to normalised ``[3, S, S]`` float32 pixels, as CLIP's processor.
+
+    "pad" (LongLLaVA's setting) first centres the image on a square of the mean colour;
+    both modes then resize the shortest edge to S (bicubic) and centre-crop, which for the
+    padded square is a plain resize.
+    """
+    rgb = as_rgb(image)
+    size = _image_size(config)
+    width, height = rgb.size
+    if config.image_aspect_ratio == "pad" and width != height:
+        side = max(width, height)
+        square = PILImage.new("RGB", (side, side), tuple(int(m * 255) for m in config.image_mean))
+        square.paste(rgb, ((side - width) // 2, (side - height) // 2))
+        rgb, width, height = square, side, side
+    long = int(size * max(width, height) / min(width, height))  # transformers' shortest-edge rounding
+    width, height = (size, long) if width <= height else (long, size)
+    rgb = rgb.resize((width, height), PILImage.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    rgb = rgb.crop((left, top, left + size, top + size))
+
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
+    return ((pixels - mean) / std).contiguous()
+
+
+def pool_image_features(features: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``[N, P, C]`` features on a row-major square grid to ``[N, tokens, C]`` by bilinear resize.
+
+    ``align_corners=False`` as upstream, so halving the grid side is a 2x2 average. The grid
+    is halved step by step while it stays at least the target size (24x24 -> 12x12, as
+    LongLLaVA's 144-token pooling, then -> 6x6 for 36 tokens), so every patch contributes
+    and 36 tokens are a 4x4 average rather than a sample of a quarter of the patches.
+    """
+    if features.ndim != 3:
+        raise ValueError(f"features must be [N, P, C], got shape {tuple(features.shape)}")
+    n, p, c = features.shape
+    side, out = math.isqrt(p), math.isqrt(max(tokens, 0))
+    if side * side != p:
+        raise ValueError(f"{p} features per image do not form a square grid (is the CLS token still in?)")
+    if tokens < 1 or out * out != tokens or tokens > p:
+        raise ValueError(f"tokens must be a square number between 1 and {p}, got {tokens}")
+    grid = features.transpose(1, 2).reshape(n, c, side, side)
+    while side % 2 == 0 and side // 2 >= out:
+        side //= 2
+        grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
+    if side != out:
+        grid = F.interpolate(grid, size=(out, out), mode="bilinear", align_corners=False)
+    return grid.flatten(2).transpose(1, 2)
+
+
+class VisionEncoder(nn.Module):
+    """The CLIP tower plus LLaVA's feature selection and the 2D pooling: pixels to pooled features."""
+
+    def __init__(self, config: LongLLaVAConfig, tower: CLIPVisionModel | None = None):
+        super().__init__()
+        if config.mm_vision_select_feature != "patch":
+            raise ValueError(
+                f"mm_vision_select_feature={config.mm_vision_select_feature!r} keeps the CLS token, "
+                "which 2D pooling cannot place on the patch grid; use 'patch'"
+            )
+        if tower is None:
+            if config.vision_config is None:
+                raise ValueError("the config has no vision_config to build a tower from; load one with from_directory")
+            tower = CLIPVisionModel(CLIPVisionConfig(**config.vision_config.model_dump()))
+        if tower.config.hidden_size != config.mm_hidden_size:
+            raise ValueError(
+                f"the tower's width is {tower.config.hidden_size} but mm_hidden_size is {config.mm_hidden_size}"
+            )
+        if tower.config.image_size != _image_size(config):
+            raise ValueError(
+                f"the tower takes {tower.config.image_size} px images but the config preprocesses to "
+                f"{_image_size(config)} px; set vision_config.image_size"
+            )
+        self.tower = tower
+        self.select_layer = config.mm_vision_select_layer
+        self.image_tokens = config.image_tokens
+
+    @classmethod
+    def from_directory(cls, path: str | Path, config: LongLLaVAConfig) -> "VisionEncoder":
+        """A tower from a local CLIP directory (a full CLIP checkpoint works too); never a hub."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no CLIP vision tower at {path}: config.json is missing")
+        try:
+            tower = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load a CLIP vision tower from {path}: {exc}") from exc
+        return cls(config, tower)
+
+    def save_directory(self, path: str | Path) -> None:
+        self.tower.save_pretrained(path)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` pixels to ``[N, image_tokens, mm_hidden_size]``."""
+        size = self.tower.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(f"pixels must be [N, 3, {size}, {size}], got {tuple(pixels.shape)}")
+        hidden = self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[self.select_layer]
+        return pool_image_features(hidden[:, 1:], self.image_tokens)  # drop CLS
+
+
+class Projector(nn.Sequential):
+    """LLaVA's ``mlp2x_gelu``; indices 0 and 2 match the ``mm_projector.{0,2}`` checkpoint keys."""
+
+    def __init__(self, config: LongLLaVAConfig):
+        super().__init__(
+            nn.Linear(config.mm_hidden_size, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
+        )
