@@ -50,6 +50,11 @@ def pick(rng: np.random.Generator, items: Sequence[T], k: int) -> list[T]:
     return [items[i] for i in rng.permutation(len(items))[:k]]
 
 
+def one(rng: np.random.Generator, items: Sequence[T]) -> T:
+    """A random item (a plain Python value, unlike `rng.choice`)."""
+    return items[int(rng.integers(len(items)))]
+
+
 @dataclass(frozen=True)
 class Episode:
     """A task's episode, decided at reset: the screens in order (the last one asks the

@@ -32,7 +32,7 @@ from gymnasium.vector import AutoresetMode
 from tqdm import tqdm
 
 import envs  # noqa: F401  (registers the environments)
-from envs.policies import POLICIES, PolicyFactory, load_policy
+from envs.policies import POLICIES, Policy, PolicyFactory, load_policy
 from envs.trajectory import TrajectoryWriter
 
 
@@ -103,6 +103,8 @@ def run_rollout(
 ) -> RolloutResult:
     """Plays `episodes` episodes of `env_id` on `num_envs` sub-environments ("async"
     ones by default when there are several) and returns how they went."""
+    if episodes < 1 or num_envs < 1:
+        raise ValueError(f"need at least one episode and one env, got {episodes} and {num_envs}")
     env_kwargs, agent_args = env_kwargs or {}, agent_args or {}
     factory = load_policy(policy) if isinstance(policy, str) else policy
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", repr(policy))
@@ -111,7 +113,8 @@ def run_rollout(
     if vectorization == "async":
         vector_kwargs["shared_memory"] = False  # text spaces cannot live in shared memory
     vector_env = gym.make_vec(env_id, num_envs, vectorization_mode=vectorization, vector_kwargs=vector_kwargs, **env_kwargs)
-    policies = [factory(env_id=env_id, action_space=vector_env.single_action_space, **agent_args) for _ in range(num_envs)]
+    policies: list[Policy] = []
+    running: list[_Running] = []
     result = RolloutResult(env_id, policy_name)
     episode_count = 0
 
@@ -129,9 +132,10 @@ def run_rollout(
                         policy=policy_name, reset_info=reset_info)
             r.writer = TrajectoryWriter(Path(out) / f"episode_{r.episode:06d}", meta)
 
-    running = [start(i) for i in range(num_envs)]
     bar = tqdm(total=episodes, unit="episode", disable=not progress, file=sys.stderr)
     try:
+        policies += [factory(env_id=env_id, action_space=vector_env.single_action_space, **agent_args) for _ in range(num_envs)]
+        running += [start(i) for i in range(num_envs)]
         batch, batch_info = vector_env.reset(seed=[r.seed for r in running])
         observations = [_unbatch(batch, i) for i in range(num_envs)]
         infos = [_unbatch(batch_info, i) for i in range(num_envs)]
@@ -227,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help="env constructor argument")
     parser.add_argument("--agent-arg", action="append", default=[], metavar="KEY=VALUE", help="policy factory argument")
     args = parser.parse_args(argv)
+    try:
+        load_policy(args.agent)  # fail early, with the reason, before any env starts
+    except (ImportError, AttributeError) as error:
+        parser.error(str(error))
     try:
         result = run_rollout(
             args.env, args.agent, args.episodes, args.num_envs, args.seed, args.out,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from envs.actions import Click
-from envs.base import Episode, ScreenEnv, pick
+from envs.base import Episode, ScreenEnv, one, pick
 from envs.render import PALETTE, WHITE, Panel, Screen, grid, place
 from envs.spaces import Sampler, uniform_click
 
@@ -52,9 +52,8 @@ class ClickTargetEnv(ScreenEnv):
         """Buttons with distinct labels in distinct cells; colours may repeat."""
         rows, cols, count, size = LAYOUT[self.difficulty]
         cells = pick(rng, grid(rows, cols), count)
-        colors = list(PALETTE.values())
         return tuple(
-            Panel(place(cell, size, rng), colors[int(rng.integers(len(colors)))], label, WHITE)
+            Panel(place(cell, size, rng), one(rng, list(PALETTE.values())), label, WHITE)
             for cell, label in zip(cells, pick(rng, LABELS, count))
         )
 

@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 
 from envs.actions import Answer
-from envs.base import Episode, ScreenEnv, pick
+from envs.base import Episode, ScreenEnv, one, pick
 from envs.render import PALETTE, SHAPES, Icon, Label, Screen, grid
 from envs.spaces import Sampler, uniform_answer
 
@@ -33,7 +33,7 @@ class CountEventsEnv(ScreenEnv):
         return min(self.memory_span, MAX_COUNT[self.difficulty])
 
     def _make_episode(self, rng: np.random.Generator) -> Episode:
-        shape, color = pick(rng, SHAPES, 1)[0], pick(rng, list(PALETTE), 1)[0]
+        shape, color = one(rng, SHAPES), one(rng, list(PALETTE))
         if self.difficulty == "easy":
             lookalikes = [(s, c) for s in SHAPES for c in PALETTE if s != shape and c != color]
         else:

@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 
 from envs.actions import Answer
-from envs.base import Episode, ScreenEnv, pick
+from envs.base import Episode, ScreenEnv, one, pick
 from envs.render import BLACK, GREY, PALETTE, SHAPES, WHITE, Icon, Label, Panel, Screen, grid, inset
 from envs.spaces import Sampler, uniform_answer
 from envs.tasks.words import NOUNS
@@ -52,10 +52,10 @@ class NeedleFrameEnv(ScreenEnv):
         return Episode((*frames, question), Answer(CHOICES[options.index(word)]))
 
     def _video_frame(self, rng: np.random.Generator) -> Screen:
-        sky, ground = SKIES[int(rng.integers(len(SKIES)))], GROUNDS[int(rng.integers(len(GROUNDS)))]
+        sky, ground = one(rng, SKIES), one(rng, GROUNDS)
         shapes = [
-            Icon(pick(rng, SHAPES, 1)[0], (int(rng.integers(80, 920)), int(rng.integers(180, 920))),
-                 int(rng.integers(30, 90)), pick(rng, list(PALETTE.values()), 1)[0])
+            Icon(one(rng, SHAPES), (int(rng.integers(80, 920)), int(rng.integers(180, 920))),
+                 int(rng.integers(30, 90)), one(rng, list(PALETTE.values())))
             for _ in range(CAPTION[self.difficulty][1])
         ]
         return Screen("Video", WATCH, (Panel((0, HORIZON, 1000, 1000), ground), *shapes), background=sky)

@@ -13,8 +13,8 @@ from functools import partial
 import numpy as np
 
 from envs.actions import TypeText
-from envs.base import Episode, ScreenEnv, pick
-from envs.render import GREY, WHITE, Label, Panel, Screen, grid, inset
+from envs.base import Episode, ScreenEnv, one, pick
+from envs.render import GREY, PALETTE, WHITE, Label, Panel, Screen, grid, inset
 from envs.spaces import Sampler
 from envs.tasks.words import NOUNS
 
@@ -24,7 +24,7 @@ INBOX_ROWS = 4
 
 
 def random_code(rng: np.random.Generator, length: int) -> str:
-    return "".join(ALPHABET[i] for i in rng.integers(0, len(ALPHABET), length))
+    return "".join(one(rng, ALPHABET) for _ in range(length))
 
 
 def type_random_code(rng: np.random.Generator, length: int) -> TypeText:
@@ -49,7 +49,7 @@ class RecallCodeEnv(ScreenEnv):
             (
                 Label((120, 300), "Enter your access code:", 60),
                 Panel((120, 420, 880, 560), WHITE, outline=GREY),
-                Panel((600, 640, 880, 760), (41, 98, 255), "Sign in", WHITE),
+                Panel((600, 640, 880, 760), PALETTE["blue"], "Sign in", WHITE),
             ),
         )
         return Episode((shown, *inboxes, form), TypeText(code))

@@ -5,7 +5,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from envs.actions import (
-    Answer, Click, Key, Scroll, TypeText, Wait, format_action, from_pixel, parse_action, to_pixel,
+    Answer,
+    Click,
+    Key,
+    Scroll,
+    TypeText,
+    Wait,
+    format_action,
+    from_pixel,
+    parse_action,
+    to_pixel,
 )
 
 

@@ -6,6 +6,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import envs
 from envs.actions import parse_action
@@ -70,6 +72,16 @@ def test_malformed_actions_are_wrong_never_errors(env_id):
             assert info["is_success"] is False
             break
     assert terminated
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40) | st.from_regex(r"(click|type|scroll|key|wait|answer)\(.{0,20}\)", fullmatch=True))
+def test_any_text_is_scored_never_raised(text):
+    env = gym.make("longllava/ClickTarget-v0")
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step(text)
+    assert terminated and reward in (RIGHT, WRONG)
+    assert (info["action_error"] == "") == (parse_action(text) is not None)
 
 
 @pytest.mark.parametrize("env_id", envs.TASK_IDS)

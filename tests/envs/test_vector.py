@@ -28,7 +28,9 @@ def test_vector_envs_step_every_task(mode, vector_kwargs):
 def test_sync_and_async_give_the_same_episodes():
     results = []
     for mode, vector_kwargs in [("sync", {}), ("async", {"shared_memory": False})]:
-        vector_env = gym.make_vec("longllava/CountEvents-v0", 2, vectorization_mode=mode, vector_kwargs=vector_kwargs, memory_span=3)
+        vector_env = gym.make_vec(
+            "longllava/CountEvents-v0", 2, vectorization_mode=mode, vector_kwargs=vector_kwargs, memory_span=3
+        )
         observations, _ = vector_env.reset(seed=[5, 6])
         trace = [observations["screenshot"].copy()]
         for _ in range(4):
@@ -36,4 +38,4 @@ def test_sync_and_async_give_the_same_episodes():
             trace += [observations["screenshot"].copy(), rewards.copy()]
         vector_env.close()
         results.append(trace)
-    assert all(np.array_equal(a, b) for a, b in zip(*results))
+    assert all(np.array_equal(a, b) for a, b in zip(*results, strict=True))

@@ -153,3 +153,21 @@ def test_tokenizer_without_longllava_specials_is_refused(tmp_path):
 def test_builtin_byte_tokenizer_wins_and_none_means_bytes(tokenizer_dir):
     assert isinstance(load_tokenizer(None), ByteTokenizer)
     assert isinstance(load_tokenizer(tokenizer_dir, builtin="byte"), ByteTokenizer)
+
+
+def test_sentencepiece_directory_like_longllavas_loads(tmp_path):
+    """LongLLaVA ships tokenizer.model (sentencepiece) and a LlamaTokenizer config, no tokenizer.json."""
+    import sentencepiece as spm
+
+    sentences = ["the quick brown fox jumps over the lazy dog", "click the button", "type the code 4821"] * 40
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(tmp_path / "tokenizer"), vocab_size=320,
+        model_type="bpe", byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        pad_piece="<|pad|>", bos_piece="<|startoftext|>", eos_piece="<|endoftext|>", unk_piece="<|unk|>",
+        minloglevel=2,
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False}))
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("<|startoftext|>click the button<|endoftext|>")
+    assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2 and len(ids) < 20
+    assert tok.decode(ids) == "<|startoftext|>click the button<|endoftext|>"
