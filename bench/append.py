@@ -48,7 +48,7 @@ CONFIGS = {
     ),
     "default": HybridLMConfig.model_validate(DEFAULT_CONFIG.model_dump()),
 }
-PREFILL_CHUNK = 4096
+PREFILL_CHUNK = 2048
 FULL_PASS_LIMIT = 16_000  # tokens: transformers' uncached forward builds an L x L mask
 
 
@@ -87,10 +87,17 @@ def jamba_cache(state: SessionState, config) -> DynamicCache:
     return cache
 
 
-def timed(fn, reps: int) -> tuple[float, object]:
-    """Median seconds over ``reps`` runs of ``fn()`` (``fn`` returns (seconds, result))."""
-    runs = [fn() for _ in range(reps)]
-    return statistics.median(t for t, _ in runs), runs[-1][1]
+def timed(fns: dict, reps: int) -> dict[str, tuple[float, object]]:
+    """Median seconds of each ``fn()`` over ``reps`` rounds (``fn`` returns (seconds, result)).
+
+    Rounds interleave the methods, so that load from elsewhere on the machine falls on all
+    of them alike and the ratios stay fair.
+    """
+    runs = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            runs[name].append(fn())
+    return {name: (statistics.median(t for t, _ in r), r[-1][1]) for name, r in runs.items()}
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -163,9 +170,9 @@ def measure(name, lm, peer, jcfg, state, history, obs, n_steps, reps, token_reps
         out = [peer(inputs_embeds=obs[None, i : i + 1], cache=cache, use_cache=True).logits[0, 0] for i in range(L)]
         return time.perf_counter() - t0, torch.stack(out)
 
-    ours_s, ours_logits = timed(ours, reps)
-    chunk_s, chunk_logits = timed(tf_chunk, reps)
-    token_s, token_logits = timed(tf_token, token_reps)
+    fast = timed({"ours": ours, "tf-chunk": tf_chunk}, reps)
+    (ours_s, ours_logits), (chunk_s, chunk_logits) = fast["ours"], fast["tf-chunk"]
+    token_s, token_logits = timed({"tf-token": tf_token}, token_reps)["tf-token"]
     return {
         "config": name,
         "obs_tokens": L,

@@ -80,6 +80,9 @@ def register_miniwob_tasks() -> None:
 
 
 class MiniWoBScreenEnv(gymnasium.Env[dict[str, Any], str]):
+    """The MiniWoB++ task `miniwob_id` (e.g. "miniwob/click-test-2-v1") in a headless
+    Chromium, seen and driven as the module docstring describes."""
+
     metadata = {"render_modes": ["rgb_array"], "render_fps": None}
 
     def __init__(self, miniwob_id: str, render_mode: str | None = None):

@@ -183,3 +183,26 @@ def test_state_code_uses_no_pickle():
         names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
         mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert "pickle" not in names | mods and "torch.load" not in path.read_text(), path
+
+
+def test_moving_a_state_copies_it_whole(lm):
+    state = lm.new_state()
+    run(lm, state, ids_(9))
+    state.snapshot()
+    run(lm, state, ids_(4, seed=1))
+    moved = state.to("cpu")
+    assert_same_state(state, moved)
+    assert moved.snapshot_lengths == state.snapshot_lengths
+    run(lm, moved, ids_(3, seed=2))  # the copy grows alone
+    assert state.length == 13 and moved.length == 16
+    moved.rollback(9)
+    assert moved.length == 9
+
+
+def test_prefill_rejects_wrong_shapes(lm):
+    state = lm.new_state()
+    with pytest.raises(ValueError, match="at least one token"):
+        lm.prefill(state, torch.zeros(0, lm.config.hidden_size))
+    with pytest.raises(ValueError, match=r"shape \[L, 64\]"):
+        lm.prefill(state, torch.zeros(3, 65))
+    assert state.length == 0
