@@ -115,7 +115,7 @@ def observation(lm: HybridLM, size: int, g: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run(name: str, cfg: HybridLMConfig, obs_size: int, steps: list[int], reps: int, token_reps: int) -> list[dict]:
+def run(name: str, cfg: HybridLMConfig, obs_size: int, steps: list[int], reps: int) -> list[dict]:
     torch.manual_seed(0)
     lm = HybridLM(cfg).eval()
     jcfg = to_jamba_config(cfg)
@@ -129,14 +129,14 @@ def run(name: str, cfg: HybridLMConfig, obs_size: int, steps: list[int], reps: i
     for done in range(max(steps) + 1):
         obs = observation(lm, obs_size, g)
         if done in steps:  # time the next step on top of `done` observations
-            rows.append(measure(name, lm, peer, jcfg, state, history, obs, done, reps, token_reps))
+            rows.append(measure(name, lm, peer, jcfg, state, history, obs, done, reps))
             print(format_row(rows[-1]), flush=True)
         lm.prefill(state, obs, logits="none")
         history.append(obs)
     return rows
 
 
-def measure(name, lm, peer, jcfg, state, history, obs, n_steps, reps, token_reps) -> dict:
+def measure(name, lm, peer, jcfg, state, history, obs, n_steps, reps) -> dict:
     L, past = obs.shape[0], state.length
     whole = torch.cat([*history, obs])
 
@@ -170,9 +170,8 @@ def measure(name, lm, peer, jcfg, state, history, obs, n_steps, reps, token_reps
         out = [peer(inputs_embeds=obs[None, i : i + 1], cache=cache, use_cache=True).logits[0, 0] for i in range(L)]
         return time.perf_counter() - t0, torch.stack(out)
 
-    fast = timed({"ours": ours, "tf-chunk": tf_chunk}, reps)
-    (ours_s, ours_logits), (chunk_s, chunk_logits) = fast["ours"], fast["tf-chunk"]
-    token_s, token_logits = timed({"tf-token": tf_token}, token_reps)["tf-token"]
+    t = timed({"ours": ours, "tf-chunk": tf_chunk, "tf-token": tf_token}, reps)
+    (ours_s, ours_logits), (chunk_s, chunk_logits), (token_s, token_logits) = t["ours"], t["tf-chunk"], t["tf-token"]
     return {
         "config": name,
         "obs_tokens": L,
@@ -255,8 +254,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--obs", nargs="+", type=int, default=[40, 144], choices=[40, 144])
     p.add_argument("--steps", nargs="+", type=int, default=[10, 100, 500, 1000])
-    p.add_argument("--reps", type=int, default=5, help="repetitions of the fast methods (median reported)")
-    p.add_argument("--token-reps", type=int, default=1, help="repetitions of the token-by-token peer")
+    p.add_argument("--reps", type=int, default=3, help="interleaved rounds of the timed methods (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("docs/bench/append.json"))
     args = p.parse_args()
@@ -267,7 +265,7 @@ def main() -> None:
     rows = []
     for name in args.configs:
         for size in args.obs:
-            rows += run(name, CONFIGS[name], size, sorted(args.steps), args.reps, args.token_reps)
+            rows += run(name, CONFIGS[name], size, sorted(args.steps), args.reps)
     print("\n".join(summary(rows)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -18,7 +18,7 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from pydantic import BaseModel
@@ -59,7 +59,7 @@ class TokenEvent(BaseModel):
 
     token_id: int | None = None
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    finish_reason: Literal["eos", "stop", "length"] | None = None  # EOS, a stop string, max_new_tokens
 
 
 @dataclass
@@ -230,7 +230,7 @@ class Engine:
                     s.next_logits = self.model.prefill(s.state, self.model.embed([token]))
                 s.step_ends[-1] = s.state.length
                 if token in eos:
-                    finish = "stop"
+                    finish = "eos"
                     break
                 text += decoder.feed(token)
                 if i + 1 == sampling.max_new_tokens:
@@ -247,7 +247,7 @@ class Engine:
             s.lock.release()
 
     def generate_text(self, session: str, sampling: SamplingParams | None = None) -> tuple[str, str]:
-        """The whole generation as ``(text, finish_reason)``."""
+        """The whole generation as ``(text, finish_reason)``; the reason is "eos", "stop" or "length"."""
         events = list(self.generate(session, sampling))
         return "".join(e.text for e in events), events[-1].finish_reason or "length"
 

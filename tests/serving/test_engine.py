@@ -98,7 +98,7 @@ def test_stop_strings_and_eos_end_generation(engine):
     e = eos_engine.create()
     eos_engine.append(e, user_message([Text("hello")]))
     before = eos_engine.session_info(e).length
-    assert eos_engine.generate_text(e, SamplingParams(max_new_tokens=5)) == ("", "stop")
+    assert eos_engine.generate_text(e, SamplingParams(max_new_tokens=5)) == ("", "eos")
     assert eos_engine.session_info(e).length == before + 1  # the EOS is in the history
 
 
