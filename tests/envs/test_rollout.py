@@ -1,6 +1,5 @@
 """Baselines through the rollout code path: the oracle always wins, random sits at chance."""
 
-import importlib.util
 import math
 
 import gymnasium as gym
@@ -37,15 +36,6 @@ def test_episodes_do_not_depend_on_the_number_of_envs():
         for k in (1, 3)
     ]
     assert runs[0].episodes == runs[1].episodes
-
-
-@pytest.mark.skipif(importlib.util.find_spec("agent.policy") is not None, reason="agent/policy.py exists now")
-def test_model_policy_hook_explains_what_is_missing(capsys):
-    with pytest.raises(ModuleNotFoundError, match="agent.policy"):
-        load_policy("model")
-    with pytest.raises(SystemExit):
-        main(["--env", "longllava/RecallCode-v0", "--agent", "model"])
-    assert "write ModelPolicy there" in capsys.readouterr().err
 
 
 def test_unknown_policy_is_refused():
