@@ -199,5 +199,8 @@ def _history_then_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 
 def describe(device: torch.device | str) -> str:
     """Which implementation each op uses on ``device``, for the engine's start-up log."""
-    sdpa = "torch SDPA (flash/memory-efficient)" if torch.device(device).type == "cuda" else "torch SDPA"
-    return f"selective scan, conv1d: pure-PyTorch reference; attention: {sdpa}"
+    if torch.device(device).type == "cpu" and _flash_cpu is not None:
+        attn = "torch SDPA; appends as history + causal chunk on torch's CPU flash kernel"
+    else:
+        attn = "torch SDPA"
+    return f"selective scan, conv1d: pure-PyTorch reference; attention: {attn}"
