@@ -8,7 +8,7 @@ from .config import HybridLMConfig, LongLLaVAConfig, VisionConfig
 from .default import DEFAULT_CONFIG, default_model
 from .llm import HybridLM
 from .longllava import LongLLaVA
-from .state import SessionState
+from .state import DecodeBatch, SessionState
 from .state_codec import StateMismatchError, apply_state_delta, state_from_bytes, state_to_bytes
 from .tensorpack import CorruptBlobError
 
@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "CorruptBlobError",
     "DEFAULT_CONFIG",
+    "DecodeBatch",
     "HybridLM",
     "HybridLMConfig",
     "LongLLaVA",

@@ -197,10 +197,7 @@ def _history_then_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return (share * out_h.reshape(b, h, lq, d) + (1 - share) * out_c).to(q.dtype)
 
 
-def describe(device: torch.device | str) -> str:
-    """Which implementation each op uses on ``device``, for the engine's start-up log."""
+def describe_attention(device: torch.device | str) -> str:
     if torch.device(device).type == "cpu" and _flash_cpu is not None:
-        attn = "torch SDPA; appends as history + causal chunk on torch's CPU flash kernel"
-    else:
-        attn = "torch SDPA"
-    return f"selective scan, conv1d: pure-PyTorch reference; attention: {attn}"
+        return "torch SDPA; appends as history + causal chunk on torch's CPU flash kernel"
+    return "torch SDPA"

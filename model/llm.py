@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import kernels, ops
 from .config import HybridLMConfig
-from .state import KVCache, MambaLayerState, SessionState
+from .state import DecodeBatch, KVCache, MambaLayerState, SessionState
 
 
 class RMSNorm(nn.Module):
@@ -62,21 +62,25 @@ class MambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, state: MambaLayerState) -> torch.Tensor:
         if h.shape[1] == 1:
             return self.step(h, state)
+        k = ops.mamba_ops(h.device)
         x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [1, d_inner, L] each
-        x, state.conv = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
+        x, state.conv = k.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
-        y, state.ssm = kernels.selective_scan(
+        y, state.ssm = k.selective_scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D, z, self.dt_proj.bias, state.ssm
         )
         return self.out_proj(y.transpose(1, 2))
 
     def step(self, h: torch.Tensor, state: MambaLayerState) -> torch.Tensor:
-        x, z = self.in_proj(h[:, 0]).chunk(2, dim=-1)  # [1, d_inner] each
-        x = kernels.causal_conv1d_update(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
+        """One token for each of ``batch`` sessions: ``h`` is ``[batch, 1, hidden]``, the
+        states ``[batch, ...]`` (a ``DecodeBatch``'s slots), updated in place."""
+        k = ops.mamba_ops(h.device)
+        x, z = self.in_proj(h[:, 0]).chunk(2, dim=-1)  # [batch, d_inner] each
+        x = k.causal_conv1d_update(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
         dt, B, C = self._ssm_inputs(x)
         A = -torch.exp(self.A_log.float())
-        y = kernels.selective_state_update(state.ssm, x, dt, A, B, C, self.D, z, self.dt_proj.bias)
+        y = k.selective_state_update(state.ssm, x, dt, A, B, C, self.D, z, self.dt_proj.bias)
         return self.out_proj(y).unsqueeze(1)
 
 
@@ -91,13 +95,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, caches: KVCache | list[KVCache]) -> torch.Tensor:
+        """``h`` is ``[batch, L, hidden]`` with one cache per row. Each row attends to its own
+        cache at its own length, so sessions of different histories decode together."""
         b, L, _ = h.shape
+        caches = [caches] if isinstance(caches, KVCache) else caches
+        if len(caches) != b:
+            raise ValueError(f"{b} rows of input but {len(caches)} K/V caches")
         q = self.q_proj(h).view(b, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, L, self.kv_heads, self.head_dim).transpose(1, 2)
-        k_all, v_all = cache.append(k, v)
-        out = kernels.attention(q, k_all, v_all)
+        out = torch.cat([kernels.attention(q[j : j + 1], *c.append(k[j : j + 1], v[j : j + 1])) for j, c in enumerate(caches)])
         return self.o_proj(out.transpose(1, 2).reshape(b, L, -1))
 
 
@@ -156,7 +164,7 @@ class HybridBlock(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_moe_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, state: SessionState) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, state: SessionState | DecodeBatch) -> torch.Tensor:
         x = self.input_layernorm(h)
         if self.is_attention:
             x = self.self_attn(x, state.kv[self.index])
@@ -215,6 +223,19 @@ class HybridLM(nn.Module):
         h = h[0, -1:] if logits == "last" else h[0]
         out = self.lm_head(self.final_layernorm(h))
         return out[0] if logits == "last" else out
+
+    def decode(self, batch: DecodeBatch, embeds: torch.Tensor) -> torch.Tensor:
+        """One token for every session of ``batch``: ``embeds`` is ``[batch, hidden]``.
+        Returns the next-token logits ``[batch, vocab]``; each session grows by one."""
+        if embeds.shape != (len(batch), self.config.hidden_size):
+            raise ValueError(
+                f"decode takes embeddings of shape [{len(batch)}, {self.config.hidden_size}], got {tuple(embeds.shape)}"
+            )
+        h = embeds.to(self.dtype).unsqueeze(1)
+        for layer in self.layers:
+            h = layer(h, batch)
+        batch.advance()
+        return self.lm_head(self.final_layernorm(h[:, 0]))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full pass over ``input_ids [L]`` from an empty state: the logits of every position."""

@@ -14,7 +14,7 @@ from torch import nn
 from .config import LongLLaVAConfig
 from .llm import HybridLM
 from .prompt import IMAGE_TOKEN_INDEX
-from .state import SessionState
+from .state import DecodeBatch, SessionState
 from .vision import Projector, VisionEncoder, preprocess_image
 
 
@@ -74,3 +74,6 @@ class LongLLaVA(nn.Module):
         self, state: SessionState, embeds: torch.Tensor, logits: Literal["last", "all", "none"] = "last"
     ) -> torch.Tensor | None:
         return self.llm.prefill(state, embeds, logits)
+
+    def decode(self, batch: DecodeBatch, embeds: torch.Tensor) -> torch.Tensor:
+        return self.llm.decode(batch, embeds)

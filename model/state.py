@@ -15,6 +15,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -237,3 +238,50 @@ class SessionState:
         for n in [n for n in self._snapshots if n > length]:
             del self._snapshots[n]
         self.length = length
+
+
+class DecodeBatch:
+    """Sessions that decode together, one token each per forward.
+
+    Each Mamba layer's states are stacked into one tensor with a slot (row) per session,
+    and while the batch is open every session's ``MambaLayerState`` holds views of its
+    slot: the in-place decode kernels update all sessions at once and nothing is
+    scattered back. ``close()`` gives each session its own copy again. K/V caches stay
+    per session, so attention reads each at its own length. Use it as a context manager;
+    the sessions must not be appended to, forked or rolled back while it is open.
+    """
+
+    def __init__(self, states: Sequence[SessionState]):
+        if not states:
+            raise ValueError("a decode batch needs at least one session")
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("a session appears twice in the decode batch")
+        self.states = list(states)
+        self.mamba: dict[int, MambaLayerState] = {}
+        for i in self.states[0].mamba:
+            slots = MambaLayerState(
+                torch.cat([s.mamba[i].conv for s in self.states]), torch.cat([s.mamba[i].ssm for s in self.states])
+            )
+            self.mamba[i] = slots
+            for j, s in enumerate(self.states):
+                s.mamba[i] = MambaLayerState(slots.conv[j : j + 1], slots.ssm[j : j + 1])
+        self.kv: dict[int, list[KVCache]] = {i: [s.kv[i] for s in self.states] for i in self.states[0].kv}
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def advance(self) -> None:
+        """Every session grew by one token."""
+        for s in self.states:
+            s.length += 1
+
+    def close(self) -> None:
+        for s in self.states:
+            s.mamba = {i: m.clone() for i, m in s.mamba.items()}
+        self.mamba = {}
+
+    def __enter__(self) -> "DecodeBatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -13,6 +13,7 @@ import sys
 
 from PIL import Image as PILImage
 
+from model import ops
 from model.prompt import Image, Text, user_message
 
 from .engine import Engine
@@ -29,10 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--kernels", choices=ops.CHOICES, help="Mamba kernels (default: auto, Triton on CUDA)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    engine = Engine.from_pretrained(args.model, vision_tower_path=args.vision_tower, tokenizer_path=args.tokenizer)
+    engine = Engine.from_pretrained(
+        args.model, vision_tower_path=args.vision_tower, tokenizer_path=args.tokenizer, kernels=args.kernels
+    )
     if args.model is None:
         print("[embedded default model: random weights, so the answer is noise until a checkpoint is given]", file=sys.stderr)
     session = engine.create()

@@ -23,15 +23,15 @@ from typing import Iterator, Literal, Sequence
 import torch
 from pydantic import BaseModel
 
-from model import kernels
+from model import ops
 from model.checkpoint import load_checkpoint
 from model.default import default_model
 from model.longllava import LongLLaVA
 from model.prompt import Piece, Text, render_pieces
-from model.state import SessionState
+from model.state import DecodeBatch, SessionState
 from model.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer, tokenize_prompt
 
-from .sampling import SamplingParams, find_stop, sample_next
+from .sampling import SamplingParams, find_stop, sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,41 @@ class _Session:
         return len(self.step_ends) - 1
 
 
+class _Generation:
+    """One session's side of a generation: sampling state, detokenising and stop strings."""
+
+    def __init__(self, engine: "Engine", sampling: SamplingParams):
+        self.sampling = sampling
+        self.rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.decoder = IncrementalDecoder(engine.tokenizer)
+        self.eos = set() if sampling.ignore_eos else set(engine.model.config.eos_token_ids)
+        self.hold = max((len(x) for x in sampling.stop), default=1) - 1  # text that may still become a stop string
+        self.text, self.sent, self.count = "", 0, 0
+        self.finish: Literal["eos", "stop", "length"] | None = None
+
+    def accept(self, token: int) -> list[TokenEvent]:
+        """The events for a token that has just joined the history; the last one ends it."""
+        self.count += 1
+        if token in self.eos:
+            return self._end("eos")
+        self.text += self.decoder.feed(token)
+        last = self.count == self.sampling.max_new_tokens
+        if last:
+            self.text += self.decoder.finish()
+        cut = find_stop(self.text, self.sampling.stop)
+        if cut is not None:
+            self.text = self.text[:cut]
+            return self._end("stop")
+        ready = max(self.sent, len(self.text) - self.hold)  # hold back what may still become a stop string
+        event = TokenEvent(token_id=token, text=self.text[self.sent : ready])
+        self.sent = ready
+        return [event, *self._end("length")] if last else [event]
+
+    def _end(self, reason: Literal["eos", "stop", "length"]) -> list[TokenEvent]:
+        self.finish = reason
+        return [TokenEvent(text=self.text[self.sent :], finish_reason=reason)]
+
+
 def _pick_device(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return dev, dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -83,7 +118,8 @@ class Engine:
     """Sessions over one LongLLaVA model on one device.
 
     ``rollback_window`` bounds how many steps back ``rollback`` can go from memory (one
-    Mamba snapshot per step); ``max_chunk_tokens`` bounds one append.
+    Mamba snapshot per step); ``max_chunk_tokens`` bounds one append. ``kernels`` picks the
+    Mamba kernels ("auto", "torch" or "triton"; see ``model.ops``).
     """
 
     def __init__(
@@ -96,7 +132,10 @@ class Engine:
         max_chunk_tokens: int = 32768,
         max_sessions: int = 1024,
         rollback_window: int = 64,
+        kernels: ops.Kernels | None = None,
     ):
+        if kernels is not None:  # process-wide, like LONGLLAVA_KERNELS
+            ops.set_kernels(kernels)
         self.device, self.dtype = _pick_device(device, dtype)
         model = model if model is not None else default_model()
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -115,7 +154,7 @@ class Engine:
             type(model).__name__,
             self.device,
             str(self.dtype).removeprefix("torch."),
-            kernels.describe(self.device),
+            ops.describe(self.device),
         )
 
     @classmethod
@@ -214,37 +253,58 @@ class Engine:
     def generate(self, session: str, sampling: SamplingParams | None = None) -> Iterator[TokenEvent]:
         """Stream tokens. Every sampled token (EOS included) joins the history, so the next
         append continues after it; the current step grows to cover them."""
-        sampling = sampling or SamplingParams()
-        s = self._hold(session)
+        for _, event in self.generate_batch([session], [sampling or SamplingParams()]):
+            yield event
+
+    def generate_batch(
+        self, sessions: Sequence[str], sampling: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> Iterator[tuple[str, TokenEvent]]:
+        """Generate for several sessions at once: one forward per token decodes all of them,
+        whatever their history lengths. Yields ``(session, event)``; each session's events
+        are those ``generate`` would give, and a finished session leaves the batch."""
+        if len(set(sessions)) != len(sessions) or not sessions:
+            raise ValueError("generate_batch takes one or more distinct sessions")
+        params = list(sampling) if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(sessions)
+        if len(params) != len(sessions):
+            raise ValueError(f"{len(sessions)} sessions but {len(params)} sampling parameters")
+        held = self._hold_all(sessions)
         try:
-            if s.next_logits is None:
-                raise ValueError("nothing to generate from: append a prompt to this session first")
-            generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-            decoder = IncrementalDecoder(self.tokenizer)
-            eos = set() if sampling.ignore_eos else set(self.model.config.eos_token_ids)
-            hold = max((len(x) for x in sampling.stop), default=1) - 1  # text that may still become a stop string
-            text, sent, finish = "", 0, "length"
-            for i in range(sampling.max_new_tokens):
-                token = sample_next(s.next_logits, sampling, generator)
-                with self._model_lock, torch.no_grad():
-                    s.next_logits = self.model.prefill(s.state, self.model.embed([token]))
-                s.step_ends[-1] = s.state.length
-                if token in eos:
-                    finish = "eos"
-                    break
-                text += decoder.feed(token)
-                if i + 1 == sampling.max_new_tokens:
-                    text += decoder.finish()
-                cut = find_stop(text, sampling.stop)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                    break
-                ready = max(sent, len(text) - hold)  # hold back what may still become a stop string
-                yield TokenEvent(token_id=token, text=text[sent:ready])
-                sent = ready
-            yield TokenEvent(text=text[sent:], finish_reason=finish)
+            for sid, s in held.items():
+                if s.next_logits is None:
+                    raise ValueError(f"session {sid[:8]}… has nothing to generate from: append a prompt first")
+            running = {sid: _Generation(self, p) for sid, p in zip(sessions, params)}
+            logits = torch.stack([held[sid].next_logits for sid in running])
+            while running:
+                # the batch is rebuilt only when a session finishes
+                with DecodeBatch([held[sid].state for sid in running]) as batch:
+                    members = list(running)
+                    while len(running) == len(members):
+                        tokens = sample_batch(logits, [running[sid].sampling for sid in members], [running[sid].rng for sid in members])
+                        with self._model_lock, torch.no_grad():
+                            logits = self.model.decode(batch, self.model.embed(tokens))
+                        for j, (sid, token) in enumerate(zip(members, tokens)):
+                            held[sid].next_logits = logits[j]
+                            held[sid].step_ends[-1] = held[sid].state.length
+                            for event in running[sid].accept(token):
+                                yield sid, event
+                            if running[sid].finish is not None:
+                                del running[sid]
+                keep = [j for j, sid in enumerate(members) if sid in running]
+                logits = logits[keep]
         finally:
-            s.lock.release()
+            for s in held.values():
+                s.lock.release()
+
+    def _hold_all(self, sessions: Sequence[str]) -> dict[str, _Session]:
+        held: dict[str, _Session] = {}
+        try:
+            for sid in sessions:
+                held[sid] = self._hold(sid)
+        except BaseException:
+            for s in held.values():
+                s.lock.release()
+            raise
+        return held
 
     def generate_text(self, session: str, sampling: SamplingParams | None = None) -> tuple[str, str]:
         """The whole generation as ``(text, finish_reason)``; the reason is "eos", "stop" or "length"."""

@@ -34,6 +34,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def sample_batch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """One token per row of ``logits [batch, vocab]``; greedy rows share one device sync."""
+    greedy = logits.argmax(-1).tolist()
+    return [g if p.temperature == 0.0 else sample_next(row, p, rng) for g, row, p, rng in zip(greedy, logits, params, generators)]
+
+
 def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     """Index where the earliest stop string starts in ``text``, or None."""
     hits = [i for s in stops if (i := text.find(s)) >= 0]

@@ -7,7 +7,9 @@ env-notes), so chunked appends are compared with full passes, never with its cac
 import pytest
 import torch
 
+from model import ops
 from model.convert import from_jamba_state_dict, to_jamba_state_dict
+from model.state import DecodeBatch
 
 CONFIGS = {
     "1 layer, mamba": dict(layers=1),
@@ -54,3 +56,61 @@ def test_weight_conversion_round_trips(make_pair):
     back = from_jamba_state_dict(there)
     assert back.keys() == mine.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in mine.state_dict().items())
+
+
+def test_batched_decode_matches_each_session_decoding_alone(make_pair):
+    """Sessions at different history lengths decode together in one forward per token."""
+    _, mine = make_pair(layers=9, experts=4)
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(5))
+    lengths = [3, 17, 31]
+    with torch.no_grad():
+        alone, together = [], []
+        for n in lengths:
+            state = mine.new_state()
+            mine.prefill(state, mine.embed_tokens(ids[:n]))
+            alone.append(state.fork())
+            together.append(state)
+        with DecodeBatch(together) as batch:
+            for t in range(5):
+                step = torch.stack([ids[n + t] for n in lengths])
+                got = mine.decode(batch, mine.embed_tokens(step))
+                for j, (n, state) in enumerate(zip(lengths, alone)):
+                    expected = mine.prefill(state, mine.embed_tokens(ids[n + t : n + t + 1]))
+                    assert (got[j] - expected).abs().max() < 1e-5, (t, j)
+        assert [s.length for s in together] == [n + 5 for n in lengths]
+        # after the batch closes each session owns its state again and goes on alone
+        for s, a in zip(together, alone):
+            assert all(m.ssm.data_ptr() != o.ssm.data_ptr() for m, o in zip(s.mamba.values(), a.mamba.values()))
+            nxt = mine.embed_tokens(ids[:1])
+            assert (mine.prefill(s, nxt) - mine.prefill(a, nxt)).abs().max() < 1e-5
+
+
+def test_decode_batch_rejects_bad_input(make_pair):
+    _, mine = make_pair(layers=2, attn_period=2, attn_offset=1)
+    s = mine.new_state()
+    with pytest.raises(ValueError, match="twice"):
+        DecodeBatch([s, s])
+    with pytest.raises(ValueError, match="at least one"):
+        DecodeBatch([])
+    with DecodeBatch([s, mine.new_state()]) as batch, pytest.raises(ValueError, match=r"shape \[2, 64\]"):
+        mine.decode(batch, torch.zeros(3, 64))
+
+
+def test_model_on_triton_kernels_matches_reference(make_pair):
+    """The whole model with the Mamba ops on Triton (the interpreter without a GPU):
+    a chunked prefill and a batched decode give the reference's logits."""
+    ref, mine = make_pair(layers=3, experts=2, attn_period=3, attn_offset=1)  # small: the interpreter is slow
+    ids = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = ref(ids[None], use_cache=False).logits[0]
+        with ops.use_kernels("triton"):
+            assert ops.resolve("cpu") == "triton"
+            states = [mine.new_state(), mine.new_state()]
+            got = torch.cat([mine.prefill(states[0], mine.embed_tokens(ids[s:e]), logits="all") for s, e in ((0, 11), (11, 25))])
+            mine.prefill(states[1], mine.embed_tokens(ids[:20]))
+            with DecodeBatch(states) as batch:
+                for t in range(3):
+                    logits = mine.decode(batch, mine.embed_tokens(torch.stack([ids[25 + t], ids[20 + t]])))
+                    got = torch.cat([got, logits[:1]])
+                    assert (logits[1] - expected[20 + t]).abs().max() < 1e-4
+        assert (got - expected[:28]).abs().max() < 1e-4

@@ -218,3 +218,49 @@ def test_engine_logs_its_kernels(caplog):
     with caplog.at_level(logging.INFO, logger="serving.engine"):
         Engine(default_model(), device="cpu")
     assert any("kernels:" in r.message and "cpu" in r.message for r in caplog.records)
+
+
+def test_generate_batch_equals_each_session_generating_alone(engine):
+    """Sessions at different history lengths, with different samplers and lengths, decode
+    together; each gets exactly the events it would get alone."""
+    prompts = ["short", "a somewhat longer prompt than that", "x" * 90]
+    params = [
+        SamplingParams(max_new_tokens=7, ignore_eos=True),
+        SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=0.8, seed=11),
+        SamplingParams(max_new_tokens=5, ignore_eos=True, stop=("zz",)),
+    ]
+    together, alone = [], []
+    for prompt in prompts:
+        s = engine.create()
+        engine.append(s, user_message([Text(prompt)]))
+        together.append(s)
+        alone.append(engine.fork(s))
+    events = {s: [] for s in together}
+    for s, event in engine.generate_batch(together, params):
+        events[s].append(event)
+    for s, a, p in zip(together, alone, params):
+        assert events[s] == list(engine.generate(a, p))
+        assert engine.session_info(s).length == engine.session_info(a).length
+        # the histories stay equal after the batch: the next append gives the same logits
+        engine.append(s, "next")
+        engine.append(a, "next")
+        assert torch.allclose(engine._sessions[s].next_logits, engine._sessions[a].next_logits, atol=1e-5)
+    for s in together + alone:
+        engine.close(s)
+
+
+def test_generate_batch_refuses_bad_requests_and_releases_sessions(engine):
+    a, b = engine.create(), engine.create()
+    engine.append(a, "hello")
+    with pytest.raises(ValueError, match="distinct"):
+        list(engine.generate_batch([a, a]))
+    with pytest.raises(ValueError, match="nothing to generate"):
+        list(engine.generate_batch([a, b]))  # b has no prompt
+    with pytest.raises(ValueError, match="2 sessions but 1"):
+        list(engine.generate_batch([a, b], [SamplingParams()]))
+    with pytest.raises(UnknownSessionError):
+        list(engine.generate_batch([a, "nope"]))
+    # every refusal released what it held: a still generates
+    assert engine.generate_text(a, SamplingParams(max_new_tokens=2, ignore_eos=True))[1] == "length"
+    engine.close(a)
+    engine.close(b)
