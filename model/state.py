@@ -100,9 +100,10 @@ class KVCache:
         return self.k, self.v
 
     def _reallocate(self, needed: int) -> None:
-        """Move this cache's rows into a fresh buffer with room to grow (amortised 1.5x)."""
+        """Move this cache's rows into a fresh buffer with room to grow: half again, at most
+        64k rows, so a long session or a fork of one does not reserve gigabytes it never uses."""
         old = self._buf
-        capacity = max(needed, int(old.capacity * 1.5), 64)
+        capacity = needed + min(max(needed // 2, 64), 65536)
         shape = (*old.k.shape[:2], capacity, old.k.shape[3])
         k = torch.empty(shape, dtype=old.k.dtype, device=old.k.device)
         v = torch.empty_like(k)
