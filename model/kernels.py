@@ -171,7 +171,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if q.device.type == "cpu" and _flash_cpu is not None:
         return _history_then_chunk(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, s), enable_gqa=True)
+    return _lower_right(q, k, v)
+
+
+def _lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA with a lower-right causal mask. On CUDA its flash kernel takes that mask and GQA
+    natively, so nothing of size ``Lq x S`` is built and K/V are not repeated per head."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]), enable_gqa=True)
 
 
 # torch's CPU flash attention, which also returns the log-sum-exp that merging needs

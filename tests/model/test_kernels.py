@@ -84,13 +84,41 @@ def test_causal_conv1d_chunks_and_update_match_padded_conv():
     torch.testing.assert_close(state, x[..., -4:])
 
 
-def test_attention_with_cache_matches_full_causal_attention():
+ATTENTION_PATHS = {
+    "dispatch": kernels.attention,
+    "cpu history + chunk": kernels._history_then_chunk,
+    "sdpa lower-right (the CUDA path)": kernels._lower_right,
+}
+
+
+@pytest.mark.parametrize("path", ATTENTION_PATHS.values(), ids=ATTENTION_PATHS.keys())
+def test_attention_with_cache_matches_full_causal_attention(path):
     g = torch.Generator().manual_seed(2)
     q, k, v = torch.randn(1, 4, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g)
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     scores = (q @ kr.transpose(-1, -2)) / 8**0.5
     scores = scores.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1), float("-inf"))
     ref = scores.softmax(-1) @ vr
-    # the last 11 queries against a cache of all 30 keys, and one query at a time
-    torch.testing.assert_close(kernels.attention(q[:, :, 19:], k, v), ref[:, :, 19:], rtol=1e-5, atol=1e-5)
+    # the last 11 queries against a cache of all 30 keys
+    torch.testing.assert_close(path(q[:, :, 19:], k, v), ref[:, :, 19:], rtol=1e-5, atol=1e-5)
+    # one query at a time (decode)
     torch.testing.assert_close(kernels.attention(q[:, :, 9:10], k[:, :, :10], v[:, :, :10]), ref[:, :, 9:10], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA attention path in bf16")
+def test_attention_on_cuda_matches_float32_math():
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(1, 32, 144, 128, device="cuda", generator=g)
+    k, v = (torch.randn(1, 8, 2000, 128, device="cuda", generator=g) for _ in range(2))
+    ref = _lower_right_reference(q, k, v)
+    got = kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-2
+
+
+def _lower_right_reference(q, k, v):
+    g = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    lq, s = q.shape[-2], k.shape[-2]
+    scores = (q @ kr.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    mask = torch.ones(lq, s, dtype=torch.bool, device=q.device).tril(s - lq)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vr

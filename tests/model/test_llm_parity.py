@@ -97,14 +97,17 @@ def test_decode_batch_rejects_bad_input(make_pair):
 
 
 def test_model_on_triton_kernels_matches_reference(make_pair):
-    """The whole model with the Mamba ops on Triton (the interpreter without a GPU):
-    a chunked prefill and a batched decode give the reference's logits."""
+    """The whole model with the Mamba ops on Triton (compiled on a GPU, else the
+    interpreter): a chunked prefill and a batched decode give the reference's logits."""
     ref, mine = make_pair(layers=3, experts=2, attn_period=3, attn_offset=1)  # small: the interpreter is slow
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mine = mine.to(device)
     ids = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = ref(ids[None], use_cache=False).logits[0]
+        ids = ids.to(device)
         with ops.use_kernels("triton"):
-            assert ops.resolve("cpu") == "triton"
+            assert ops.resolve(device) == "triton"
             states = [mine.new_state(), mine.new_state()]
             got = torch.cat([mine.prefill(states[0], mine.embed_tokens(ids[s:e]), logits="all") for s, e in ((0, 11), (11, 25))])
             mine.prefill(states[1], mine.embed_tokens(ids[:20]))
@@ -112,5 +115,5 @@ def test_model_on_triton_kernels_matches_reference(make_pair):
                 for t in range(3):
                     logits = mine.decode(batch, mine.embed_tokens(torch.stack([ids[25 + t], ids[20 + t]])))
                     got = torch.cat([got, logits[:1]])
-                    assert (logits[1] - expected[20 + t]).abs().max() < 1e-4
-        assert (got - expected[:28]).abs().max() < 1e-4
+                    assert (logits[1].cpu() - expected[20 + t]).abs().max() < 1e-4
+        assert (got.cpu() - expected[:28]).abs().max() < 1e-4
