@@ -77,12 +77,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def clock(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Seconds of ``fn()`` with the device's queue drained before and after, and its result."""
     sync(device)
     t = time.perf_counter()
-    fn()
+    result = fn()
     sync(device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, result
+
+
+def clock(fn: Callable[[], object], device: torch.device) -> float:
+    return timed(fn, device)[0]
 
 
 def median_time(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 2) -> float:
@@ -239,7 +244,9 @@ def model_parity(device: torch.device, dtype: torch.dtype) -> dict:
     # a small model on the device, active backend, against transformers with the same weights
     small = HybridLMConfig(**{**SMOKE, "num_experts": 4, "num_experts_per_tok": 2})
     torch.manual_seed(0)
-    peer = JambaForCausalLM(to_jamba_config(small)).to(device).eval()
+    jcfg = to_jamba_config(small)
+    jcfg.use_mamba_kernels = False  # as in section_transformers
+    peer = JambaForCausalLM(jcfg).to(device).eval()
     mine = HybridLM(from_jamba_config(peer.config)).to(device).eval()
     mine.load_state_dict(from_jamba_state_dict(peer.state_dict()))
     ids = torch.randint(0, small.vocab_size, (300,), device=device)
@@ -363,43 +370,44 @@ def section_vision(device: torch.device, dtype: torch.dtype, smoke: bool) -> dic
 @torch.no_grad()
 def section_transformers(lm: HybridLM, tokens: int, seconds: float, checkpoints: list[int], floor: Floor) -> dict:
     """The same weights in JambaForCausalLM, sharing storage with ours (no second copy)."""
-    from transformers import DynamicCache, JambaForCausalLM
+    from transformers import JambaForCausalLM
 
     device = lm.device
     jcfg = to_jamba_config(lm.config)
+    jcfg.use_mamba_kernels = False  # older 5.x raise on CUDA without mamba-ssm; 5.24 ignores it
     with torch.device("meta"):
         peer = JambaForCausalLM(jcfg)
     peer.load_state_dict(to_jamba_state_dict(lm.state_dict()), assign=True, strict=True)
     peer.eval()
-    # transformers 5.24 names the cache argument `cache`; earlier 5.x `past_key_values`
+    # The model makes its own cache on the first call (its class differs between 5.x
+    # releases), and 5.24 renamed the argument that takes it back from past_key_values to cache.
     cache_arg = "cache" if "cache" in inspect.signature(peer.forward).parameters else "past_key_values"
 
-    def forward(x: torch.Tensor, cache: DynamicCache):
-        return peer(inputs_embeds=x[None], use_cache=True, **{cache_arg: cache}).logits[0]
+    def forward(x: torch.Tensor, cache: object | None) -> tuple[torch.Tensor, object]:
+        out = peer(inputs_embeds=x[None], use_cache=True, **({cache_arg: cache} if cache is not None else {}))
+        return out.logits[0], out.past_key_values
+
     obs = observations(lm, tokens)
-    cache = DynamicCache(config=jcfg)
+    cache = None
     times: list[float] = []
-    ours = lm.new_state(max_snapshots=1)
-    err = None
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline and len(times) < checkpoints[-1]:
         x = obs[len(times) % len(obs)]
-        times.append(clock(lambda: forward(x, cache), device))
-        if len(times) == 2:  # its chunked append is wrong (env-notes): measure by how much
-            mine = [lm.prefill(ours, obs[i % len(obs)], logits="all") for i in range(2)][-1]
-            theirs = peer(inputs_embeds=torch.cat(obs[:2])[None], use_cache=False).logits[0, tokens:]
-            fresh = DynamicCache(config=jcfg)
-            forward(obs[0], fresh)
-            chunked = forward(obs[1], fresh)
-            err = {"ours_vs_full_pass": float((mine.float() - theirs.float()).abs().max()),
-                   "tf_chunk_vs_full_pass": float((chunked.float() - theirs.float()).abs().max())}
-            del fresh
+        seconds_taken, (_, cache) = timed(lambda: forward(x, cache), device)
+        times.append(seconds_taken)
+    # its chunked append is wrong (env-notes): by how much, against a full pass, next to ours
+    ours = lm.new_state(max_snapshots=1)
+    mine = [lm.prefill(ours, obs[i], logits="all") for i in range(2)][-1]
+    theirs = peer(inputs_embeds=torch.cat(obs[:2])[None], use_cache=False).logits[0, tokens:]
+    chunked, _ = forward(obs[1], forward(obs[0], None)[1])
+    err = {"ours_vs_full_pass": float((mine.float() - theirs.float()).abs().max()),
+           "tf_chunk_vs_full_pass": float((chunked.float() - theirs.float()).abs().max())}
     reached = [s for s in checkpoints if s <= len(times)]
     history = len(times) * tokens
     token_times = []
     for i in range(4):  # its correct path: one token at a time on the cache
-        x = obs[0][i : i + 1]
-        token_times.append(clock(lambda: forward(x, cache), device))
+        seconds_taken, (_, cache) = timed(lambda: forward(obs[0][i : i + 1], cache), device)
+        token_times.append(seconds_taken)
     token_ms = statistics.median(token_times[1:]) * 1e3
     return {
         "chunk_append_ms": {s: around(times, s) for s in reached},
