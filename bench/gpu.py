@@ -519,14 +519,23 @@ def main() -> None:
     section("hybrid_144", lambda: hybrid(144))
 
     def capacity() -> dict:
-        """Seven forks of the 1000-image session: each copies its K/V on its first decode."""
+        """Seven forks of the 1000-image session: each copies its K/V on its first decode.
+        Forks share the snapshot ring, so the projection adds a ring per session."""
         base = kept.pop(144)
         sessions = [base, *(base.fork() for _ in range(7))]
         reset_peak(device)
         rate = decode_rate(lm, sessions, floor, tokens=4 if args.smoke else 16)
-        total = sum(s.nbytes for s in sessions)
+        reserved = sum(c._buf.k.nbytes + c._buf.v.nbytes for s in sessions for c in s.kv.values())
+        projected = (peak_gb(device) or 0) + 7 * base.snapshot_nbytes / 1e9
+        result = {
+            **rate,
+            "sessions_state_gb": sum(s.nbytes for s in sessions) / 1e9,
+            "kv_reserved_gb": reserved / 1e9,
+            "peak_gb": peak_gb(device),
+            "projected_peak_gb_with_own_snapshot_rings": projected,
+        }
         del sessions, base
-        return {**rate, "sessions_state_gb": total / 1e9, "peak_gb": peak_gb(device)}
+        return result
 
     section("capacity", capacity)
     free(device)
