@@ -217,6 +217,7 @@ class HybridLM(nn.Module):
             )
         if embeds.shape[1] == 0:
             raise ValueError("prefill needs at least one token")
+        state.check_not_batched("appended to")
         h = embeds.to(self.dtype)
         for layer in self.layers:
             h = layer(h, state)

@@ -148,6 +148,7 @@ class SessionState:
         self.length = length
         self.max_snapshots = max_snapshots
         self._snapshots: OrderedDict[int, dict[int, MambaLayerState]] = OrderedDict()
+        self.in_decode_batch = False  # its Mamba states are slots of an open DecodeBatch
 
     @classmethod
     def empty(
@@ -215,12 +216,17 @@ class SessionState:
         while len(self._snapshots) > self.max_snapshots:
             self._snapshots.popitem(last=False)
 
+    def check_not_batched(self, action: str) -> None:
+        if self.in_decode_batch:
+            raise RuntimeError(f"this session is in an open DecodeBatch and cannot be {action} until it closes")
+
     @property
     def snapshot_lengths(self) -> list[int]:
         return sorted(self._snapshots)
 
     def rollback(self, length: int) -> None:
         """Return to an earlier length: 0, or one that has a snapshot. Later snapshots are dropped."""
+        self.check_not_batched("rolled back")
         if length == self.length:
             return
         if length > self.length:
@@ -257,6 +263,8 @@ class DecodeBatch:
             raise ValueError("a decode batch needs at least one session")
         if len({id(s) for s in states}) != len(states):
             raise ValueError("a session appears twice in the decode batch")
+        for s in states:
+            s.check_not_batched("added to another")
         self.states = list(states)
         self.mamba: dict[int, MambaLayerState] = {}
         for i in self.states[0].mamba:
@@ -267,6 +275,8 @@ class DecodeBatch:
             for j, s in enumerate(self.states):
                 s.mamba[i] = MambaLayerState(slots.conv[j : j + 1], slots.ssm[j : j + 1])
         self.kv: dict[int, list[KVCache]] = {i: [s.kv[i] for s in self.states] for i in self.states[0].kv}
+        for s in self.states:
+            s.in_decode_batch = True
 
     def __len__(self) -> int:
         return len(self.states)
@@ -278,7 +288,9 @@ class DecodeBatch:
 
     def close(self) -> None:
         for s in self.states:
-            s.mamba = {i: m.clone() for i, m in s.mamba.items()}
+            if s.in_decode_batch:
+                s.mamba = {i: m.clone() for i, m in s.mamba.items()}
+                s.in_decode_batch = False
         self.mamba = {}
 
     def __enter__(self) -> "DecodeBatch":

@@ -94,6 +94,15 @@ def test_decode_batch_rejects_bad_input(make_pair):
         DecodeBatch([])
     with DecodeBatch([s, mine.new_state()]) as batch, pytest.raises(ValueError, match=r"shape \[2, 64\]"):
         mine.decode(batch, torch.zeros(3, 64))
+    # while a batch is open its sessions take no append, rollback or second batch
+    with DecodeBatch([s]):
+        with pytest.raises(RuntimeError, match="open DecodeBatch"):
+            mine.prefill(s, torch.zeros(2, 64))
+        with pytest.raises(RuntimeError, match="open DecodeBatch"):
+            s.rollback(0)
+        with pytest.raises(RuntimeError, match="open DecodeBatch"):
+            DecodeBatch([s])
+    assert mine.prefill(s, torch.zeros(2, 64)) is not None  # closed: usable again
 
 
 def test_model_on_triton_kernels_matches_reference(make_pair):
