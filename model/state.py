@@ -255,7 +255,8 @@ class DecodeBatch:
     slot: the in-place decode kernels update all sessions at once and nothing is
     scattered back. ``close()`` gives each session its own copy again. K/V caches stay
     per session, so attention reads each at its own length. Use it as a context manager;
-    the sessions must not be appended to, forked or rolled back while it is open.
+    while it is open its sessions refuse appends, rollbacks and other batches (a fork is
+    fine: it copies).
     """
 
     def __init__(self, states: Sequence[SessionState]):
