@@ -234,11 +234,11 @@ def _conv1d_kernel(
 
     if tl.program_id(2) == 0:  # the new state: the last K entries of xs
         j = tl.arange(0, BLOCK_K)
-        p = L + j
+        at = L + j  # their positions in xs
         j_ok = d_ok[:, None] & (j < K)[None, :]
-        v = tl.load(x_ptr + b * s_xb + d[:, None] * s_xd + (p - K)[None, :] * s_xt, mask=j_ok & (p >= K)[None, :], other=0.0)
-        v += tl.load(state_ptr + b * s_sb + d[:, None] * s_sd + p[None, :] * s_sk, mask=j_ok & (p < K)[None, :], other=0.0)
-        tl.store(new_state_ptr + b * s_nb + d[:, None] * s_nd + j[None, :] * s_nk, v.to(new_state_ptr.dtype.element_ty), mask=j_ok)
+        last = tl.load(x_ptr + b * s_xb + d[:, None] * s_xd + (at - K)[None, :] * s_xt, mask=j_ok & (at >= K)[None, :], other=0.0)
+        last += tl.load(state_ptr + b * s_sb + d[:, None] * s_sd + at[None, :] * s_sk, mask=j_ok & (at < K)[None, :], other=0.0)
+        tl.store(new_state_ptr + b * s_nb + d[:, None] * s_nd + j[None, :] * s_nk, last.to(new_state_ptr.dtype.element_ty), mask=j_ok)
 
 
 def causal_conv1d(x, weight, bias, conv_state):
