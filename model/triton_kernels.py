@@ -53,9 +53,11 @@ def _linear_recurrence(a_left, b_left, a_right, b_right):
 def _scan_configs() -> list[triton.Config]:
     if INTERPRETED:  # the interpreter runs each config, slowly: one is enough to check
         return [triton.Config({"BLOCK_D": 32, "BLOCK_T": 16})]
+    # tiles of BLOCK_D x d_state x BLOCK_T float32s; for d_state 16 on sm_90 these take
+    # 104 to 239 registers a thread and spill none (tests/model/test_triton_compile.py compiles them)
     return [
         triton.Config({"BLOCK_D": bd, "BLOCK_T": bt}, num_warps=w)
-        for bd, bt, w in ((8, 32, 4), (16, 16, 4), (16, 32, 4), (32, 16, 8), (16, 64, 8))
+        for bd, bt, w in ((4, 32, 4), (8, 16, 4), (8, 32, 4), (16, 16, 4), (32, 16, 8))
     ]
 
 
