@@ -56,7 +56,7 @@ from model.config import HybridLMConfig, LongLLaVAConfig, VisionConfig  # noqa: 
 from model.convert import from_jamba_config, from_jamba_state_dict, to_jamba_config, to_jamba_state_dict  # noqa: E402
 from model.default import DEFAULT_CONFIG  # noqa: E402
 from model.llm import HybridLM  # noqa: E402
-from model.state import DecodeBatch, SessionState  # noqa: E402
+from model.state import BatchKV, DecodeBatch, KVCache, SessionState  # noqa: E402
 from model.vision import Projector, VisionEncoder  # noqa: E402
 
 LONGLLAVA_9B = dict(  # LongLLaVA-9B's LLM (Jamba-9B layout, dense)
@@ -229,9 +229,24 @@ def kernel_parity(device: torch.device, smoke: bool) -> dict:
                 "state_update_state": rel_err(s, s_ref), "conv_update": rel_err(v, v_ref),
                 "conv_update_state_exact": bool(torch.equal(k, k_ref)),
             }
+        for dt in (torch.float32, torch.bfloat16):  # decode attention over caches of different lengths
+            lengths = [40, 300] if smoke else [5000, 300, 2049, 1]
+            ours, refs = [], []
+            for n in lengths:
+                rows = [torch.randn(1, 8, n, 128, generator=g, device=device).to(dt) for _ in range(2)]
+                for store in (ours, refs):
+                    store.append(KVCache(8, 128, dt, device))
+                    store[-1].append(*rows)
+            q = torch.randn(len(lengths), 32, 1, 128, generator=g, device=device).to(dt)
+            k, v = (torch.randn(len(lengths), 8, 1, 128, generator=g, device=device).to(dt) for _ in range(2))
+            got = triton.append_and_attend(q, k, v, BatchKV(ours))
+            out[f"decode_attention_{str(dt).removeprefix('torch.')}"] = {
+                "out": rel_err(got, kernels.append_and_attend(q, k, v, refs)),
+                "caches_exact": all(torch.equal(a.k, b.k) and torch.equal(a.v, b.v) for a, b in zip(ours, refs)),
+            }
         tolerance = {"float32": 1e-4, "bfloat16": 1e-2}
         out["passed"] = all(
-            v is True or (not isinstance(v, bool) and v <= tolerance[name.split("_")[1]])
+            v is True or (not isinstance(v, bool) and v <= next(tol for dt, tol in tolerance.items() if dt in name))
             for name, case in out.items() for v in case.values()
         )
     return out

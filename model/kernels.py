@@ -180,6 +180,17 @@ def _lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]), enable_gqa=True)
 
 
+def append_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list) -> torch.Tensor:
+    """Each row appends its new K/V to its own cache and attends over all of it.
+
+    ``q`` is ``[batch, heads, L, head_dim]``, ``k``/``v`` ``[batch, kv_heads, L, head_dim]``,
+    with one ``KVCache`` per row, so rows of different history lengths go together (one
+    row per session in a decode batch).
+    """
+    outs = [attention(q[j : j + 1], *c.append(k[j : j + 1], v[j : j + 1])) for j, c in enumerate(caches)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 # torch's CPU flash attention, which also returns the log-sum-exp that merging needs
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 

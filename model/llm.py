@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, ops
+from . import ops
 from .config import HybridLMConfig
 from .state import DecodeBatch, KVCache, MambaLayerState, SessionState
 
@@ -64,7 +64,7 @@ class MambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, state: MambaLayerState) -> torch.Tensor:
         if h.shape[1] == 1:
             return self.step(h, state)
-        k = ops.mamba_ops(h.device)
+        k = ops.kernels_for(h.device)
         x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [1, d_inner, L] each
         x, state.conv = k.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
@@ -77,7 +77,7 @@ class MambaMixer(nn.Module):
     def step(self, h: torch.Tensor, state: MambaLayerState) -> torch.Tensor:
         """One token for each of ``batch`` sessions: ``h`` is ``[batch, 1, hidden]``, the
         states ``[batch, ...]`` (a ``DecodeBatch``'s slots), updated in place."""
-        k = ops.mamba_ops(h.device)
+        k = ops.kernels_for(h.device)
         x, z = self.in_proj(h[:, 0]).chunk(2, dim=-1)  # [batch, d_inner] each
         x = k.causal_conv1d_update(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
         dt, B, C = self._ssm_inputs(x)
@@ -107,8 +107,7 @@ class Attention(nn.Module):
         q = self.q_proj(h).view(b, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, L, self.kv_heads, self.head_dim).transpose(1, 2)
-        outs = [kernels.attention(q[j : j + 1], *c.append(k[j : j + 1], v[j : j + 1])) for j, c in enumerate(caches)]
-        out = outs[0] if b == 1 else torch.cat(outs)
+        out = ops.kernels_for(h.device).append_and_attend(q, k, v, caches)
         return self.o_proj(out.transpose(1, 2).reshape(b, L, -1))
 
 

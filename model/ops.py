@@ -1,12 +1,13 @@
-"""Which kernels the Mamba mixers run: the pure-PyTorch reference or the Triton kernels.
+"""Which kernels the model runs: the pure-PyTorch reference or the Triton kernels.
 
 ``auto`` (the default) takes Triton for CUDA tensors when ``triton`` imports, and the
 reference everywhere else. ``LONGLLAVA_KERNELS=auto|torch|triton`` in the environment, or
 ``set_kernels``/``use_kernels`` in code, overrides it process-wide, e.g. to compare the
 two in one benchmark run. Triton on CPU tensors needs its interpreter
 (``TRITON_INTERPRET=1``): that is how the tests check the kernels without a GPU.
-Attention always goes through ``model.kernels.attention`` (torch SDPA, whose CUDA flash
-kernel handles GQA and the lower-right causal mask of an append).
+The Triton set covers the Mamba ops and the decode step's attention over a batch of
+sessions; attention over appended chunks is always torch SDPA (``model.kernels.attention``),
+whose CUDA flash kernel handles GQA and the lower-right causal mask of an append.
 """
 
 from __future__ import annotations
@@ -74,16 +75,19 @@ def resolve(device: torch.device | str) -> Literal["torch", "triton"]:
     return "triton" if device.type == "cuda" and not isinstance(triton, str) else "torch"
 
 
-def mamba_ops(device: torch.device | str) -> ModuleType:
-    """The module whose ``selective_scan``, ``selective_state_update``, ``causal_conv1d`` and
-    ``causal_conv1d_update`` run on ``device``."""
+def kernels_for(device: torch.device | str) -> ModuleType:
+    """The module whose ``selective_scan``, ``selective_state_update``, ``causal_conv1d``,
+    ``causal_conv1d_update`` and ``append_and_attend`` run on ``device``."""
     return _triton() if resolve(device) == "triton" else kernels  # type: ignore[return-value]
 
 
 def describe(device: torch.device | str) -> str:
     """Which implementation each op uses on ``device``, for start-up logs and benchmark tables."""
     if resolve(device) == "triton":
-        mamba = "Triton (selective scan from the recurrent state, state update, conv1d)"
+        mamba = (
+            "Triton (selective scan from the recurrent state, state update, conv1d; "
+            "decode attention over every session's own K/V in one launch)"
+        )
     else:
         mamba = "pure-PyTorch reference"
         triton = _triton()

@@ -86,18 +86,33 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append rows and return the whole cache (views, no copy of the history)."""
-        n = k.shape[2]
+        start = self.length
+        self.claim(k.shape[2])
+        self._buf.k[:, :, start : self.length] = k
+        self._buf.v[:, :, start : self.length] = v
+        return self.k, self.v
+
+    def claim(self, n: int) -> bool:
+        """Grow by ``n`` rows that the caller then writes at ``length - n ..``, in this
+        cache's own buffer (moved first if it is too small or another cache's rows lie
+        there). Returns whether the buffer moved. Claiming before writing is what lets a
+        batched kernel write many caches at once: a fork that shares the buffer sees the
+        claim and moves, instead of writing over the same rows."""
         end = self.length + n
         buf = self._buf
         shared = len(buf.users) > 1 and buf.filled != self.length
-        if shared or end > buf.capacity:
+        moved = shared or end > buf.capacity
+        if moved:
             self._reallocate(end)
-            buf = self._buf
-        buf.k[:, :, self.length : end] = k
-        buf.v[:, :, self.length : end] = v
-        buf.filled = end
+        self._buf.filled = end
         self.length = end
-        return self.k, self.v
+        return moved
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole K and V storage, ``[1, kv_heads, capacity, head_dim]`` each, for kernels
+        that index rows themselves."""
+        return self._buf.k, self._buf.v
 
     def _reallocate(self, needed: int) -> None:
         """Move this cache's rows into a fresh buffer with room to grow: half again, at most
@@ -275,7 +290,7 @@ class DecodeBatch:
             self.mamba[i] = slots
             for j, s in enumerate(self.states):
                 s.mamba[i] = MambaLayerState(slots.conv[j : j + 1], slots.ssm[j : j + 1])
-        self.kv: dict[int, list[KVCache]] = {i: [s.kv[i] for s in self.states] for i in self.states[0].kv}
+        self.kv: dict[int, BatchKV] = {i: BatchKV([s.kv[i] for s in self.states]) for i in self.states[0].kv}
         for s in self.states:
             s.in_decode_batch = True
 
@@ -299,3 +314,32 @@ class DecodeBatch:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BatchKV(list):
+    """One attention layer's K/V caches in a ``DecodeBatch``, one per session, plus device
+    tables of their buffers (addresses, head strides, lengths) for kernels that append to
+    and read every cache in one launch. ``claim_one()`` grows every cache by a row and
+    rebuilds the tables only when a buffer moved (rarely: growth past the headroom, or a
+    fork's first write); otherwise the lengths advance on the device, with no host copy.
+    """
+
+    def __init__(self, caches: list[KVCache]):
+        super().__init__(caches)
+        self._tables: dict[str, torch.Tensor] | None = None
+
+    def claim_one(self) -> dict[str, torch.Tensor]:
+        """Claim a row in every cache; returns the tables, with lengths that include it."""
+        moved = [c.claim(1) for c in self]
+        if self._tables is None or any(moved):
+            device = self[0].device
+            buffers = [c.buffers for c in self]
+            self._tables = {
+                "k": torch.tensor([k.data_ptr() for k, _ in buffers], dtype=torch.int64, device=device),
+                "v": torch.tensor([v.data_ptr() for _, v in buffers], dtype=torch.int64, device=device),
+                "head_stride": torch.tensor([k.stride(1) for k, _ in buffers], dtype=torch.int64, device=device),
+                "length": torch.tensor([c.length for c in self], dtype=torch.int32, device=device),
+            }
+        else:
+            self._tables["length"] += 1
+        return self._tables

@@ -15,6 +15,12 @@ Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before this impo
 - ``causal_conv1d`` / ``causal_conv1d_update``: the depthwise conv with its SiLU, over a
   chunk (continuing from the conv state) and for one token. The conv cannot fuse with the
   scan: the ``x_proj`` matmul that makes dt, B and C from its output sits between them.
+- ``append_and_attend``: the decode step's attention for a batch of sessions, each with its
+  own K/V buffer and length. One launch appends every session's new row, one runs
+  flash-decoding (each program takes one session, one KV head with its group of query
+  heads, and one split of the history), one merges the splits by their log-sum-exps.
+  The buffers are found through tables of their addresses (``model.state.BatchKV``), so
+  no K/V is gathered or padded. Chunk appends take the reference (torch SDPA).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from . import kernels as reference
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -303,3 +311,124 @@ def causal_conv1d_update(x, weight, bias, conv_state):
         K=K, HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K),
     )
     return y
+
+
+# --------------------------------------------------------------------------- decode attention
+SPLIT_ROWS = 2048  # history rows per program: 144k rows make 71 splits per (session, KV head)
+
+
+@triton.jit
+def _kv_append_kernel(
+    k_new_ptr, v_new_ptr, k_table, v_table, stride_table, length_table,
+    s_nb, s_nh,
+    HEAD_DIM: tl.constexpr,
+):
+    """Write session b's new K/V row for KV head h at its last claimed row."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    elem = k_new_ptr.dtype.element_ty
+    row = tl.load(length_table + b) - 1
+    at = h * tl.load(stride_table + b) + row * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    src = b * s_nb + h * s_nh + tl.arange(0, HEAD_DIM)
+    tl.store(tl.load(k_table + b).to(tl.pointer_type(elem)) + at, tl.load(k_new_ptr + src))
+    tl.store(tl.load(v_table + b).to(tl.pointer_type(elem)) + at, tl.load(v_new_ptr + src))
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_table, v_table, stride_table, length_table, part_ptr, lse_ptr,
+    s_qb, s_qh, s_pb, s_ph, s_ps, s_lb, s_lh,
+    scale, split_rows,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Softmax attention of one session's GROUP query heads over one split of its rows;
+    writes the split's normalised output and log-sum-exp (-inf for an empty split)."""
+    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    elem = q_ptr.dtype.element_ty
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    g_ok = g < GROUP
+    heads = kv_head * GROUP + g  # query head i reads KV head i // GROUP, as SDPA's enable_gqa
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+
+    head_offset = kv_head * tl.load(stride_table + b)
+    k_base = tl.load(k_table + b).to(tl.pointer_type(elem)) + head_offset
+    v_base = tl.load(v_table + b).to(tl.pointer_type(elem)) + head_offset
+    start = split * split_rows
+    end = tl.minimum(start + split_rows, tl.load(length_table + b))
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for r0 in tl.range(start, end, BLOCK_N):
+        r = r0 + tl.arange(0, BLOCK_N)
+        r_ok = (r < end)[:, None]
+        k = tl.load(k_base + r[:, None] * HEAD_DIM + d[None, :], mask=r_ok, other=0.0)
+        # in float32 (tf32 for half-precision models: exact for bf16 inputs, and Triton's
+        # interpreter cannot multiply bf16 matrices)
+        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
+        scores = tl.where((r < end)[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        total = total * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + r[:, None] * HEAD_DIM + d[None, :], mask=r_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        m = m_new
+
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(part_ptr + b * s_pb + heads[:, None] * s_ph + split * s_ps + d[None, :], out, mask=g_ok[:, None])
+    tl.store(lse_ptr + b * s_lb + heads * s_lh + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, lse_ptr, out_ptr, n_splits,
+    s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b, h = tl.program_id(0), tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    sp_ok = sp < n_splits
+    lse = tl.load(lse_ptr + b * s_lb + h * s_lh + sp, mask=sp_ok, other=float("-inf"))
+    weight = tl.exp(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+    weight = weight / tl.sum(weight, axis=0)
+    d = tl.arange(0, HEAD_DIM)
+    part = tl.load(part_ptr + b * s_pb + h * s_ph + sp[:, None] * s_ps + d[None, :], mask=sp_ok[:, None], other=0.0)
+    out = tl.sum(weight[:, None] * part, axis=0)
+    tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def append_and_attend(q, k, v, caches):
+    """One decode token per session of a ``BatchKV``; anything else takes the reference."""
+    batch, heads, L, head_dim = q.shape
+    if L != 1 or not hasattr(caches, "claim_one") or head_dim < 16 or head_dim & (head_dim - 1):
+        return reference.append_and_attend(q, k, v, caches)  # tl.dot wants a power-of-2 head_dim >= 16
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    tables = caches.claim_one()
+    k1, v1 = k[:, :, 0].contiguous(), v[:, :, 0].contiguous()  # [batch, kv_heads, head_dim]
+    _kv_append_kernel[(batch, kv_heads)](
+        k1, v1, tables["k"], tables["v"], tables["head_stride"], tables["length"],
+        k1.stride(0), k1.stride(1), HEAD_DIM=head_dim,
+    )
+    n_splits = triton.cdiv(max(c.length for c in caches), SPLIT_ROWS)
+    q1 = q[:, :, 0].contiguous()  # [batch, heads, head_dim]
+    part = torch.empty(batch, heads, n_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, n_splits, dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(batch, kv_heads, n_splits)](
+        q1, tables["k"], tables["v"], tables["head_stride"], tables["length"], part, lse,
+        q1.stride(0), q1.stride(1), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        head_dim**-0.5, SPLIT_ROWS,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=64,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
+    _merge_splits_kernel[(batch, heads)](
+        part, lse, out, n_splits,
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(n_splits),
+    )
+    return out.unsqueeze(2)

@@ -13,7 +13,7 @@ from model import kernels, ops, triton_kernels
 def test_auto_takes_the_reference_on_cpu_and_triton_on_cuda():
     with ops.use_kernels("auto"):
         assert ops.resolve("cpu") == "torch"
-        assert ops.mamba_ops("cpu") is kernels
+        assert ops.kernels_for("cpu") is kernels
         assert ops.resolve("cuda") == "triton"  # triton imports here, so CUDA tensors would take it
         assert "pure-PyTorch reference" in ops.describe("cpu")
         assert "Triton" in ops.describe("cuda")
@@ -23,7 +23,7 @@ def test_override_and_restore():
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU, Triton runs in its interpreter
     before = ops.resolve(device)
     with ops.use_kernels("triton"):
-        assert ops.mamba_ops(device) is triton_kernels
+        assert ops.kernels_for(device) is triton_kernels
         assert "Triton" in ops.describe(device)
         with ops.use_kernels("torch"):
             assert ops.resolve("cuda") == "torch"

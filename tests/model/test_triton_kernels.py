@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import kernels, triton_kernels
+from model.state import BatchKV, KVCache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}  # relative to the output's largest value
@@ -126,3 +127,47 @@ def test_causal_conv1d_update_matches_reference(dtype, batch, d, k):
     y = triton_kernels.causal_conv1d_update(x, w, bias, state)
     assert_relative_close(y, y_ref, dtype)
     assert torch.equal(state, state_ref)
+
+
+def kv_sessions(lengths, kv_heads, head_dim, dtype, seed=0):
+    """Caches of different lengths, two of them forks sharing one buffer (copy-on-write)."""
+    g = torch.Generator().manual_seed(seed)
+    caches = []
+    for n in lengths:
+        c = KVCache(kv_heads, head_dim, dtype, DEVICE)
+        c.append(*(torch.randn(1, kv_heads, n, head_dim, generator=g).to(DEVICE, dtype) for _ in range(2)))
+        caches.append(c)
+    caches.append(caches[0].fork())  # same rows and buffer as session 0
+    return caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_batched_decode_attention_matches_per_session_sdpa(dtype, group):
+    """Sessions of different lengths (one past a split boundary, two sharing a buffer) append
+    a row each and attend, for several steps, including growth past a buffer's capacity."""
+    kv_heads, head_dim = 2, 16
+    lengths = [5, triton_kernels.SPLIT_ROWS + 70, 64, 1]
+    ours, ref = kv_sessions(lengths, kv_heads, head_dim, dtype), kv_sessions(lengths, kv_heads, head_dim, dtype)
+    batch_kv = BatchKV(ours)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        q = torch.randn(len(ours), kv_heads * group, 1, head_dim, generator=g).to(DEVICE, dtype)
+        k, v = (torch.randn(len(ours), kv_heads, 1, head_dim, generator=g).to(DEVICE, dtype) for _ in range(2))
+        got = triton_kernels.append_and_attend(q, k, v, batch_kv)
+        expected = kernels.append_and_attend(q, k, v, ref)
+        assert_relative_close(got, expected, dtype)
+        for a, b in zip(ours, ref):
+            assert a.length == b.length
+            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    # the fork wrote its own rows: session 0 and its fork differ only in what they appended
+    assert ours[0]._buf is not ours[-1]._buf
+
+
+def test_chunks_and_plain_lists_take_the_reference():
+    caches = kv_sessions([3], 2, 16, torch.float32)[:1]
+    q, k, v = torch.randn(1, 4, 5, 16, device=DEVICE), torch.randn(1, 2, 5, 16, device=DEVICE), torch.randn(1, 2, 5, 16, device=DEVICE)
+    ref_caches = kv_sessions([3], 2, 16, torch.float32)[:1]
+    assert_relative_close(
+        triton_kernels.append_and_attend(q, k, v, caches), kernels.append_and_attend(q, k, v, ref_caches), torch.float32
+    )
