@@ -372,6 +372,36 @@ def decode_rate(lm: HybridLM, states: list[SessionState], floor: Floor, tokens: 
 
 
 @torch.no_grad()
+def decode_attention_timing(c: HybridLMConfig, device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
+    """One attention layer's decode step for a batch of sessions: the Triton kernels (one
+    append, one flash-decoding, one merge launch) against SDPA per session."""
+    triton = ops._triton()
+    if isinstance(triton, str) or (device.type == "cpu" and not smoke):
+        return {"skipped": "no Triton" if isinstance(triton, str) else "CPU"}
+    out = {}
+    if smoke:  # the interpreter is slow: just run the code
+        shapes, reps = {1: [100], 2: [16, 113]}, 1
+    else:
+        shapes, reps = {1: [144_000], **{b: [1000 + 97 * j for j in range(b)] for b in (8, 32)}}, 20
+    for b, lengths in shapes.items():
+        caches, twins = [], []  # one set per method: each call appends a row
+        for n in lengths:
+            rows = [torch.randn(1, c.num_key_value_heads, n, c.head_dim, device=device, dtype=dtype) for _ in range(2)]
+            for store in (caches, twins):
+                store.append(KVCache(c.num_key_value_heads, c.head_dim, dtype, device))
+                store[-1].append(*rows)
+        q = torch.randn(b, c.num_attention_heads, 1, c.head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(b, c.num_key_value_heads, 1, c.head_dim, device=device, dtype=dtype) for _ in range(2))
+        batch_kv = BatchKV(caches)
+        fused = median_time(lambda: triton.append_and_attend(q, k, v, batch_kv), device, reps=reps)
+        looped = median_time(lambda: kernels.append_and_attend(q, k, v, twins), device, reps=reps)
+        kv_bytes = sum(cache.nbytes for cache in caches)
+        out[str(b)] = {"triton_us": fused * 1e6, "sdpa_per_session_us": looped * 1e6, "speedup": looped / fused,
+                       "kv_gb_s_triton": kv_bytes / fused / 1e9, "max_history": max(lengths)}
+    return out
+
+
+@torch.no_grad()
 def section_vision(device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
     """One image through the CLIP tower (CLIP-L/14-336 for the 9B), pooling and projector."""
     cfg = DEFAULT_CONFIG if smoke else LongLLaVAConfig(**LONGLLAVA_9B, vision_config=VisionConfig())
@@ -563,6 +593,7 @@ def main() -> None:
         return {str(b): decode_rate(lm, states[:b], floor, tokens=4 if args.smoke else 32) for b in (1, 8, 32)}
 
     section("batched_decode", batched)
+    section("decode_attention", lambda: decode_attention_timing(config, device, dtype, args.smoke))
     free(device)
     section("transformers", lambda: section_transformers(lm, 144, 5.0 if args.smoke else args.peer_seconds, checkpoints, floor))
     del lm

@@ -28,6 +28,7 @@ def test_gpu_benchmark_smoke_run(tmp_path):
         assert set(results[run]["at_step"]) == {"2", "5"}
         assert results[run]["decode"]["tokens_per_s"] > 0
     assert set(results["batched_decode"]) == {"1", "8", "32"}
+    assert set(results["decode_attention"]) == {"1", "2"}
     assert results["capacity"]["sessions"] == 8
     peer = results["transformers"]["logit_err"]
     assert peer["ours_vs_full_pass"] < 1e-4 < peer["tf_chunk_vs_full_pass"]  # its chunked append is wrong
