@@ -1,11 +1,13 @@
-"""Triton kernels for the Mamba-1 mixer on CUDA, with the signatures of ``model.kernels``.
+"""Triton kernels for CUDA, the Mamba-1 mixer's and the decode step's attention, with the
+signatures of ``model.kernels``.
 
 mamba-ssm's Mamba-1 prefill scan is compiled CUDA that takes no initial state, so it
 cannot append onto a history; these kernels start from the recurrent state and return
 the new one. Every kernel computes in float32 whatever its inputs are, reads its inputs
 through strides (the projections' transposed views need no copy), and is checked against
 the pure-PyTorch reference in ``tests/model/test_triton_kernels.py``, on the CPU through
-Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before this import).
+Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before this import);
+``tests/model/test_triton_compile.py`` compiles each one for sm_90 without a GPU.
 
 - ``selective_scan``: one program per (sequence, block of channels) walks the chunk in
   tiles of ``BLOCK_T`` steps; inside a tile the recurrence ``h = dA*h + dBx`` is a
