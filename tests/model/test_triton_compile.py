@@ -57,7 +57,8 @@ for dtype in ("bf16", "fp32"):
     precision = "ieee" if dtype == "fp32" else "tf32"
     compile_for(tk._kv_append_kernel, {"HEAD_DIM": 128}, dtype, 4)
     compile_for(tk._decode_attention_kernel, {"GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": 64, "PRECISION": precision}, dtype, 4)
-    compile_for(tk._merge_splits_kernel, {"HEAD_DIM": 128, "BLOCK_S": 128}, dtype, 4)
+    for splits in (1, 128):  # one split (short histories) to 128 (up to 262k rows)
+        compile_for(tk._merge_splits_kernel, {"HEAD_DIM": 128, "BLOCK_S": splits}, dtype, 4)
     done += [f"{name} {dtype}" for name in ("state update", "conv1d", "conv1d update", "kv append", "decode attention", "merge")]
 print(json.dumps(done))
 """
