@@ -317,6 +317,7 @@ def causal_conv1d_update(x, weight, bias, conv_state):
 
 # --------------------------------------------------------------------------- decode attention
 SPLIT_ROWS = 2048  # history rows per program: 144k rows make 71 splits per (session, KV head)
+MAX_SPLITS = 128  # past 262k rows the splits grow instead, so the merge stays one small tile
 
 
 @triton.jit
@@ -416,14 +417,16 @@ def append_and_attend(q, k, v, caches):
         k1, v1, tables["k"], tables["v"], tables["head_stride"], tables["length"],
         k1.stride(0), k1.stride(1), HEAD_DIM=head_dim,
     )
-    n_splits = triton.cdiv(max(c.length for c in caches), SPLIT_ROWS)
+    longest = max(c.length for c in caches)
+    split_rows = max(SPLIT_ROWS, triton.cdiv(longest, MAX_SPLITS * 64) * 64)
+    n_splits = triton.cdiv(longest, split_rows)
     q1 = q[:, :, 0].contiguous()  # [batch, heads, head_dim]
     part = torch.empty(batch, heads, n_splits, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, n_splits, dtype=torch.float32, device=q.device)
     _decode_attention_kernel[(batch, kv_heads, n_splits)](
         q1, tables["k"], tables["v"], tables["head_stride"], tables["length"], part, lse,
         q1.stride(0), q1.stride(1), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        head_dim**-0.5, SPLIT_ROWS,
+        head_dim**-0.5, split_rows,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=64,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )

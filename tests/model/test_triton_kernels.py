@@ -171,3 +171,14 @@ def test_chunks_and_plain_lists_take_the_reference():
     assert_relative_close(
         triton_kernels.append_and_attend(q, k, v, caches), kernels.append_and_attend(q, k, v, ref_caches), torch.float32
     )
+
+
+def test_long_histories_use_longer_splits_not_more(monkeypatch):
+    """Past MAX_SPLITS x SPLIT_ROWS rows each split grows, so the merge tile stays bounded."""
+    monkeypatch.setattr(triton_kernels, "SPLIT_ROWS", 64)
+    monkeypatch.setattr(triton_kernels, "MAX_SPLITS", 2)
+    ours, ref = kv_sessions([300, 7], 2, 16, torch.float32), kv_sessions([300, 7], 2, 16, torch.float32)
+    q = torch.randn(len(ours), 4, 1, 16, device=DEVICE)
+    k, v = torch.randn(len(ours), 2, 1, 16, device=DEVICE), torch.randn(len(ours), 2, 1, 16, device=DEVICE)
+    got = triton_kernels.append_and_attend(q, k, v, BatchKV(ours))
+    assert_relative_close(got, kernels.append_and_attend(q, k, v, ref), torch.float32)
