@@ -480,6 +480,23 @@ def attention_only_config(hybrid: HybridLMConfig) -> HybridLMConfig:
 
 
 # ----------------------------------------------------------------------------- report
+def targets(results: dict) -> dict:
+    """The issue's targets for the 9B-shaped config, read off the sections (None: not measured)."""
+    hybrid, peer, capacity = results.get("hybrid_144") or {}, results.get("transformers") or {}, results.get("capacity") or {}
+    at = hybrid.get("at_step", {})
+    first = at[min(at)] if at else None
+    common = [s for s in peer.get("chunk_append_ms", {}) if s in at]
+    return {
+        "append_within_3x_floor_at_first_step": first["x_floor"] <= 3 if first else None,
+        "growth_within_floor_growth": hybrid["growth"] <= hybrid["floor_growth"] if hybrid else None,
+        "x_faster_than_tf_chunk_min": min((peer["chunk_append_ms"][s] / at[s]["ms"] for s in common), default=None),
+        "x_faster_than_tf_token": peer["token_path_per_step_ms"] / first["ms"] if peer and first else None,
+        "eight_1000_image_sessions_fit_80gb": (
+            capacity["projected_peak_gb_with_own_snapshot_rings"] <= 80 if capacity.get("peak_gb") else None
+        ),
+    }
+
+
 def table(results: dict) -> str:
     lines = []
     roof = results.get("roofline", {})
@@ -494,7 +511,7 @@ def table(results: dict) -> str:
         for s, a in r["at_step"].items():
             lines.append(f"| {s} | {a['ms']:.2f} | {a['floor_ms']:.2f} | {a['x_floor']:.2f} |")
         lines.append(f"growth {r['growth']:.2f}x (floor {r['floor_growth']:.2f}x); decode: {r.get('decode')}\n")
-    for key in ("capacity", "batched_decode", "transformers", "vision", "kernel_parity", "model_parity", "errors"):
+    for key in ("targets", "capacity", "batched_decode", "decode_attention", "transformers", "vision", "kernel_parity", "model_parity", "errors"):
         if key in results:
             lines.append(f"{key}: {json.dumps(results[key], default=str)}")
     return "\n".join(lines)
@@ -609,6 +626,7 @@ def main() -> None:
         return run
 
     section("attention_only_144", attention_only)
+    results["targets"] = targets(results)
     results["total_s"] = time.perf_counter() - started
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(table(results))
