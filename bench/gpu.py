@@ -172,15 +172,13 @@ def observations(lm: HybridLM, tokens: int, count: int = 4) -> list[torch.Tensor
     ]
 
 
-def history_state(lm: HybridLM, tokens: int, chunk: int = 8192, snapshots: int = 1) -> SessionState:
-    """A session with ``tokens`` of history, prefilled in large chunks (same state as small steps)."""
-    state = lm.new_state(max_snapshots=snapshots)
-    row = observations(lm, min(chunk, tokens), count=1)[0]
-    done = 0
-    while done < tokens:
-        n = min(chunk, tokens - done)
-        lm.prefill(state, row[:n], logits="none")
-        done += n
+def history_state(lm: HybridLM, tokens: int) -> SessionState:
+    """A session with ``tokens`` of history, prefilled in chunks of up to 8192 (the same state
+    as small steps would leave)."""
+    state = lm.new_state(max_snapshots=1)
+    rows = observations(lm, min(8192, tokens), count=1)[0]
+    for start in range(0, tokens, len(rows)):
+        lm.prefill(state, rows[: tokens - start], logits="none")
     return state
 
 
