@@ -206,6 +206,41 @@ def _unbatch(batch: dict[str, Any], i: int) -> dict[str, Any]:
     return single
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    env_kwargs, agent_args = dict(args.env_arg), dict(args.agent_arg)
+    _check(parser, args.env, env_kwargs, args.agent, agent_args)
+    try:
+        result = run_rollout(
+            args.env, args.agent, args.episodes, args.num_envs, args.seed, args.out,
+            env_kwargs, agent_args, args.vectorization, progress=True,
+        )
+    except KeyboardInterrupt:
+        print("interrupted; unfinished trajectories are marked incomplete", file=sys.stderr)
+        return 130
+    print(result.summary())
+    if args.out is not None:
+        print(f"trajectories in {args.out}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m envs.rollout", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", required=True, help="a registered id, e.g. longllava/RecallCode-v0")
+    parser.add_argument("--agent", default="random", choices=sorted(POLICIES))
+    parser.add_argument("--episodes", type=_positive_int, default=10)
+    parser.add_argument("--num-envs", type=_positive_int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="record trajectories under this directory")
+    parser.add_argument("--vectorization", choices=("sync", "async"), help="default: async for several envs")
+    parser.add_argument("--env-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help="env constructor argument")
+    parser.add_argument("--agent-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help="policy factory argument")
+    return parser
+
+
 def _key_value(pair: str) -> tuple[str, Any]:
     """ "memory_span=100" -> ("memory_span", 100): a value is read as JSON when it can be,
     else kept as a string."""
@@ -226,36 +261,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m envs.rollout", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", required=True, help="a registered id, e.g. longllava/RecallCode-v0")
-    parser.add_argument("--agent", default="random", choices=sorted(POLICIES))
-    parser.add_argument("--episodes", type=_positive_int, default=10)
-    parser.add_argument("--num-envs", type=_positive_int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="record trajectories under this directory")
-    parser.add_argument("--vectorization", choices=("sync", "async"), help="default: async for several envs")
-    parser.add_argument("--env-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                        help="env constructor argument")
-    parser.add_argument("--agent-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                        help="policy factory argument")
-    args = parser.parse_args(argv)
-    env_kwargs, agent_args = dict(args.env_arg), dict(args.agent_arg)
-    _check(parser, args.env, env_kwargs, args.agent, agent_args)
-    try:
-        result = run_rollout(
-            args.env, args.agent, args.episodes, args.num_envs, args.seed, args.out,
-            env_kwargs, agent_args, args.vectorization, progress=True,
-        )
-    except KeyboardInterrupt:
-        print("interrupted; unfinished trajectories are marked incomplete", file=sys.stderr)
-        return 130
-    print(result.summary())
-    if args.out is not None:
-        print(f"trajectories in {args.out}")
-    return 0
 
 
 def _check(parser: argparse.ArgumentParser, env_id: str, env_kwargs: dict, agent: str, agent_args: dict) -> None:
