@@ -44,7 +44,7 @@ class CLI:
     def assert_usage_error(done: subprocess.CompletedProcess, message: str) -> None:
         """Exit status 2, argparse's usage, then one error line naming the problem; no traceback."""
         assert done.returncode == 2, done.stderr
-        assert "Traceback" not in done.stderr and done.stderr.startswith("usage: "), done.stderr
+        assert "Traceback" not in done.stderr and "usage: " in done.stderr, done.stderr
         errors = [line for line in done.stderr.splitlines() if ": error: " in line]
         assert len(errors) == 1 and errors[0] == done.stderr.splitlines()[-1], done.stderr
         assert message in errors[0], done.stderr
