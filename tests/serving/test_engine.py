@@ -182,7 +182,7 @@ def test_bad_input_is_refused_and_loses_nothing(engine):
     with pytest.raises(ValueError, match="HxW"):
         engine.append(s, [Image(np.zeros((10, 10, 5), dtype=np.uint8))])
     with pytest.raises(ValueError, match="mode"):
-        engine.append(s, [Image(PILImage.new("CMYK", (10, 10)))])
+        engine.append(s, [Image(PILImage.new("La", (10, 10)))])
     with pytest.raises(ValueError, match="0"):
         engine.append(s, [Image(np.zeros((0, 10, 3), dtype=np.uint8))])
     small = Engine(engine.model, max_chunk_tokens=100, device="cpu")
