@@ -17,7 +17,7 @@ Reading checks everything before a tensor is built, so a truncated, corrupted or
 blob raises ``CorruptBlobError`` and never yields wrong tensors. The header and the number
 of entries are capped, and entry sizes must add up to the bytes present before any are
 copied, so ``unpack`` allocates the tensors it returns (one copy of the payload) plus the
-decoded header, which the cap bounds: about 75 MiB at worst, for a header of nothing but
+decoded header, which the cap bounds: about 19 MiB at worst, for a header of nothing but
 empty maps, and a few KiB for a real one. Nothing is ever unpickled: a blob may come from
 an untrusted disk or peer.
 
@@ -42,7 +42,7 @@ _PREFIX = struct.Struct("<4sHII")  # magic, version, header length, header crc32
 
 # A 32-layer LongLLaVA state has about 70 entries and a header of a few KiB; the caps bound
 # what a hostile header can make msgpack build (each header byte can become a Python object).
-MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_BYTES = 256 << 10
 MAX_ENTRIES = 4096
 MAX_NDIM = 16
 _HEADER_KEYS = {"kind", "meta", "tensors"}

@@ -317,9 +317,10 @@ class Engine:
         if s.log is None:
             raise ValueError(f"step {step} is further back than the engine's rollback_window of {self.rollback_window} steps")
         s.log.wait()
-        ref = s.log.disk.points.get(step)
+        points = s.log.disk.points
+        ref = points.get(target)
         if ref is None:
-            kept = sorted(s.log.disk.points)
+            kept = [n for n in range(s.steps.last + 1) if s.steps.ends[n] in points]
             raise ValueError(f"step {step} is not a rollback target any more; the log keeps steps {kept}")
         item = read_point(self.store, s.id, ref)
         if item.meta.length != target:

@@ -48,7 +48,14 @@ class Session:
 
     @property
     def durable_step(self) -> int | None:
-        return None if self.log is None else self.log.durable_step(self.steps.last)
+        """Every step up to this one is durable, reply included. The last step counts only
+        once its reply has finished: a client that re-sends every later step (observation,
+        then generation) loses nothing and repeats nothing."""
+        if self.log is None:
+            return None
+        last = self.steps.last
+        complete = last if last == 0 or self.steps.finish[last] is not None else last - 1
+        return min(self.log.durable_step(last), complete)
 
 
 class SessionTable:
@@ -147,7 +154,8 @@ class SessionTable:
     def fork(self, parent: Session) -> Session:
         child = Session(secrets.token_urlsafe(18), parent.state.fork(), parent.steps.copy(), array("i", parent.tokens))
         if parent.log is not None:
-            child.log = self._new_log(child.id, 1)
+            self.store.create_session(child.id)
+            child.log = self._new_log(child.id, claim(self.store, child.id))
             parent.log.fork(child.log, child.state, child.tokens, child.steps)
         self._insert(child)
         return child

@@ -34,7 +34,7 @@ class StepResult(BaseModel):
     step: int  # the step just applied, acknowledged or rolled back to
     tokens: int  # tokens this call added (0 for an acknowledged re-send)
     length: int  # tokens in the session's history at the end of ``step``
-    durable_step: int | None = None  # every step up to this one is in the checkpoint store (None: no store)
+    durable_step: int | None = None  # every step up to this one, its reply included, is in the checkpoint store (None: no store)
 
 
 class TokenEvent(BaseModel):

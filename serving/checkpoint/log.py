@@ -7,9 +7,11 @@ memory, asynchronously); the writer thread encodes, appends and syncs.
 
 Every ``snapshot_every`` records, the capture also carries the K/V rows since the last
 snapshot, and the writer folds the log into a snapshot (a segment plus a point, see
-``records``), starts a new log file and deletes what the snapshot made redundant. So the
-log never holds more than ``snapshot_every`` records, and a restore reads the segments
-(every K/V row once) plus at most that many records.
+``records``), starts a new log file and deletes what the snapshot made redundant. A
+snapshot waits for a record that ends a step (a reply or a rollback), so that its point
+is a rollback target; a session that only appends is folded after twice as many. So the
+log stays short, and a restore reads the segments (every K/V row once) plus at most
+``2 * snapshot_every`` records.
 
 The snapshot chain after a rollback: a segment covers the rows from its ``base_length``
 (rewinding the one before it) to its ``length``. A rollback to length ``L`` makes every
@@ -78,6 +80,7 @@ def snapshot_names(seq: int, generation: int) -> tuple[str, str]:
 class SnapshotRef:
     """A segment on the session's chain, and its point while it is a rollback target."""
 
+    session: str  # whose it is: a fork's chain starts with its parent's
     seq: int
     digest: bytes
     base_length: int
@@ -112,7 +115,6 @@ class Capture:
     tensors: dict[str, torch.Tensor]  # K/V rows, Mamba states, hidden row, tokens, step entries
     snapshot: dict[str, torch.Tensor] | None = None  # K/V rows and tokens since the last snapshot, all steps
     snapshot_base: int = 0
-    forked_from: str | None = None
     ready: torch.cuda.Event | None = None  # set when the device-to-host copies are done
 
 
@@ -168,14 +170,33 @@ def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
 
 @dataclass
 class _WriterState:
-    """What the writer knows of the log on disk; saved before a batch, put back if it fails."""
+    """What the log on disk holds, as the writer (or a reader replaying it) goes: the last
+    item, the live snapshot chain, and where the state at each history length can be
+    read back (the rollback targets). Saved before a batch, put back if it fails."""
 
     prev: bytes = GENESIS
     chain: list[SnapshotRef] = dataclasses.field(default_factory=list)
-    points: dict[int, PointRef] = dataclasses.field(default_factory=dict)  # step -> where its end state is
+    points: dict[int, PointRef] = dataclasses.field(default_factory=dict)  # history length -> its state
 
     def copy(self) -> "_WriterState":
         return _WriterState(self.prev, [dataclasses.replace(r) for r in self.chain], dict(self.points))
+
+    def add_record(self, name: str, offset: int, digest: bytes, length: int, rollback: bool) -> None:
+        if rollback:  # snapshots past the rollback are no longer on this history
+            for ref in self.chain:
+                if ref.length > length:
+                    ref.point = None
+        self.points = {n: p for n, p in self.points.items() if n < length}
+        self.points[length] = PointRef(name, offset, digest, "record", length)
+        self.prev = digest
+
+    def add_snapshot(self, ref: SnapshotRef, point_digest: bytes | None) -> None:
+        """A new segment: those wholly after its base are dead, and the log's records go."""
+        self.chain = [r for r in self.chain if r.base_length < ref.base_length] + [ref]
+        self.points = {n: p for n, p in self.points.items() if p.kind == "point" and n < ref.length}
+        if ref.point is not None and point_digest is not None:
+            self.points[ref.length] = PointRef(ref.point, 0, point_digest, "point", ref.length)
+        self.prev = ref.digest
 
 
 class SessionLog:
@@ -213,8 +234,9 @@ class SessionLog:
         # writer thread
         self.disk = _WriterState()
         self._file: IO[bytes] | None = None
-        self._file_name = ""
+        self._file_name: str | None = None
         self._file_size = 0
+        self._torn: tuple[str | None, int] | None = None  # a file a failed batch wrote into, and its size before
 
     # ================================================================ request path
     def capture(
@@ -236,7 +258,8 @@ class SessionLog:
         tensors |= steps.to_tensors(first_step)
         self.since_snapshot += 1
         snapshot_base, snapshot = self.chain_length, {}
-        if self.since_snapshot >= self.policy.snapshot_every:
+        every = self.policy.snapshot_every
+        if self.since_snapshot >= every and (action != "append" or self.since_snapshot >= 2 * every):
             snapshot = kv_tensors(state, snapshot_base) | token_tensor(tokens, snapshot_base, state.length)
             snapshot = {f"snapshot.{k}": v for k, v in (snapshot | steps.to_tensors()).items()}
             self.since_snapshot, self.chain_length = 0, state.length
@@ -259,8 +282,7 @@ class SessionLog:
         copies, ready = _copy(tensors | steps.to_tensors())
         child.next_seq, child.branch = self.next_seq, secrets.token_bytes(32)
         capture = Capture(
-            "append", child.next_seq, steps.last, 0, base, state.length, child.branch, {}, copies, base,
-            forked_from=self.session, ready=ready,
+            "append", child.next_seq, steps.last, 0, base, state.length, child.branch, {}, copies, base, ready=ready,
         )
         child.next_seq += 1
         child.chain_length = child.recorded = state.length
@@ -330,7 +352,7 @@ class SessionLog:
             if self.error is not None or self.fenced or not self._jobs:
                 return
             jobs = list(self._jobs)
-        saved = self.disk.copy()
+        saved, file_before = self.disk.copy(), (self._file_name, self._file_size)
         try:
             for job in jobs:
                 self._run(job)
@@ -339,7 +361,9 @@ class SessionLog:
         except Exception as exc:  # a full or read-only store, or a bug: either way, nothing is acknowledged
             log.error("checkpoint store: cannot write session %s…: %s", self.session[:8], exc, exc_info=not isinstance(exc, OSError))
             self.disk = saved
-            self._close_file()  # a retry starts a new file: any torn frame stays at the end of this one
+            if self._file is not None:  # a retry appending to this file first cuts what this batch wrote
+                self._torn = (self._file_name, file_before[1] if file_before[0] == self._file_name else 0)
+            self._close_file()
             with self._cond:
                 self.error = exc
                 self._cond.notify_all()
@@ -383,18 +407,20 @@ class SessionLog:
         )
         frame, digest = encode("record", meta, c.tensors, self.store.key)
         if self._file is None:
-            self._file_name = log_name(self.generation, c.seq)
-            self._file, self._file_size = self.store.open_append(self.session, self._file_name), 0
+            self._open_file(log_name(self.generation, c.seq))
         offset = self._file_size
         self._file.write(frame)
         self._file_size += len(frame)
-        self.disk.prev = digest
-        if c.action == "rollback":
-            for ref in self.disk.chain:  # points past the rollback are no longer on this history
-                if ref.length > c.length:
-                    ref.point = None
-        self.disk.points = {s: p for s, p in self.disk.points.items() if s < c.step}
-        self.disk.points[c.step] = PointRef(self._file_name, offset, digest, "record", c.length)
+        self.disk.add_record(self._file_name, offset, digest, c.length, c.action == "rollback")
+
+    def _open_file(self, name: str) -> None:
+        """Append to ``name``; after a failed batch, first cut off what it left there."""
+        size = 0  # a torn frame at the end of another file is simply where that file ends
+        if self._torn is not None and self._torn[0] == name:
+            size = self._torn[1]
+            self.store.truncate(self.session, name, size)
+        self._torn = None
+        self._file, self._file_name, self._file_size = self.store.open_append(self.session, name), name, size
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -406,23 +432,22 @@ class SessionLog:
 
     def _write_snapshot(self, c: Capture, tensors: dict[str, torch.Tensor]) -> None:
         """Write a segment (from ``c.snapshot_base`` to ``c.length``) and its point."""
-        disk = self.disk
-        disk.chain = [ref for ref in disk.chain if ref.base_length < c.snapshot_base]  # the rest is dead
+        live = [ref for ref in self.disk.chain if ref.base_length < c.snapshot_base]
+        prev = live[-1] if live else None
         segment_name, point_name = snapshot_names(c.seq, self.generation)
         segment, point = _split(tensors)
         meta = SegmentMeta(
-            **self._meta(c.seq), prev=disk.chain[-1].digest if disk.chain else GENESIS, branch=c.branch,
-            base_length=c.snapshot_base, length=c.length, forked_from=c.forked_from,
+            **self._meta(c.seq), prev=prev.digest if prev else GENESIS, branch=c.branch,
+            base_length=c.snapshot_base, length=c.length,
+            forked_from=prev.session if prev and prev.session != self.session else None,
         )
         frame, digest = encode("segment", meta, segment, self.store.key)
         self.store.write_atomic(self.session, segment_name, frame)
         point_meta = PointMeta(**self._meta(c.seq), prev=digest, segment=digest, length=c.length, step=c.step)
         point_frame, point_digest = encode("point", point_meta, point, self.store.key)
         self.store.write_atomic(self.session, point_name, point_frame)
-        disk.chain.append(SnapshotRef(c.seq, digest, c.snapshot_base, c.length, c.step, segment_name, point_name))
-        disk.prev = digest
-        disk.points = {s: p for s, p in disk.points.items() if p.kind == "point" and s < c.step}
-        disk.points[c.step] = PointRef(point_name, 0, point_digest, "point", c.length)
+        ref = SnapshotRef(self.session, c.seq, digest, c.snapshot_base, c.length, c.step, segment_name, point_name)
+        self.disk.add_snapshot(ref, point_digest)
 
     def _collect_garbage(self) -> None:
         """After a snapshot: delete the log files, dead segments, points past the policy
@@ -431,7 +456,7 @@ class SessionLog:
         for ref in disk.chain[: -keep if keep else 0]:
             ref.point = None
         live = {ref.segment for ref in disk.chain} | {ref.point for ref in disk.chain if ref.point}
-        disk.points = {s: p for s, p in disk.points.items() if p.name in live}
+        disk.points = {n: p for n, p in disk.points.items() if p.name in live}
         try:
             dead = [
                 name
@@ -447,15 +472,13 @@ class SessionLog:
     def _start_fork(self, job: Fork) -> None:
         if job.parent_disk is None:  # the parent's log has not reached the fork: it failed to write
             raise OSError(f"the parent session {job.parent[:8]}… must be written first")
-        self.store.create_session(self.session)
-        self.store.create_exclusive(self.session, owner_name(self.generation), b"")  # a new id: ours, or ours from a failed try
         disk = job.parent_disk.copy()
         disk.chain = [ref for ref in disk.chain if ref.base_length < job.capture.snapshot_base]  # live at the fork
         for ref in disk.chain:
             for name in (ref.segment, ref.point):
                 if name is not None and not self.store.exists(self.session, name):
                     self.store.link(job.parent, name, self.session)
-        disk.points = {s: p for s, p in disk.points.items() if p.kind == "point"}
+        disk.points = {n: p for n, p in disk.points.items() if p.kind == "point"}
         self.disk = disk
         self._write_snapshot(job.capture, job.capture.snapshot)
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -36,7 +37,7 @@ from model.tensorpack import CorruptBlobError
 
 from ..errors import SessionLogError, UnknownSessionError
 from ..steps import StepTable
-from .log import PointRef, SnapshotRef, _WriterState, owner_name
+from .log import SnapshotRef, _WriterState, owner_name
 from .records import GENESIS, Item, RecordMeta, SegmentMeta, TornFrame, read_frames
 from .store import DirectoryStore
 
@@ -103,15 +104,27 @@ def _read_all(store: DirectoryStore, session: str, files: dict[str, int]) -> tup
     return found, damage
 
 
-def _stale_bound(files: dict[str, int]) -> dict[int, int]:
-    """Per owner generation, the first sequence number any later generation wrote: a
-    stale owner's items from there on lie on an abandoned branch."""
+def _owner_after(store: DirectoryStore, session: str, name: str) -> int | None:
+    """The sequence number an owner restored up to, from its owner file (None if unknown)."""
+    try:
+        with store.open_read(session, name) as f:
+            after = json.loads(f.read(256) or b"{}").get("after")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return after if isinstance(after, int) and after >= 0 else None
+
+
+def _stale_bound(store: DirectoryStore, session: str, files: dict[str, int]) -> dict[int, int]:
+    """Per owner generation, the first sequence number a later owner restored past or
+    wrote: a stale owner's items from there on lie on an abandoned branch."""
     first: dict[int, int] = {}
     for name in files:
         if m := _LOG_FILE.match(name):
             generation, seq = int(m.group(1)), int(m.group(2))
         elif m := _SNAPSHOT.match(name):
             seq, generation = int(m.group(1)), int(m.group(2))
+        elif (m := _OWNER.match(name)) and (after := _owner_after(store, session, name)) is not None:
+            generation, seq = int(m.group(1)), after + 1
         else:
             continue
         first[generation] = min(first.get(generation, seq), seq)
@@ -183,25 +196,18 @@ def _replay(chain: list[_Located], found: dict[bytes, _Located], new_state: Call
         if isinstance(meta, SegmentMeta):
             apply_kv_rows(state, _state_part(item.tensors), delta)
             steps.replace_from(0, item.tensors, meta.length)
-            disk.chain = [ref for ref in disk.chain if ref.base_length < meta.base_length]
             point = _point_of(found, item.digest)
-            disk.chain.append(
-                SnapshotRef(meta.seq, item.digest, meta.base_length, meta.length, steps.last, loc.name, point and point.name)
+            ref = SnapshotRef(
+                meta.session, meta.seq, item.digest, meta.base_length, meta.length, steps.last, loc.name, point and point.name
             )
-            disk.points = {s: p for s, p in disk.points.items() if p.kind == "point" and s < steps.last}
-            if point is not None:
-                disk.points[steps.last] = PointRef(point.name, 0, point.item.digest, "point", meta.length)
+            disk.add_snapshot(ref, point and point.item.digest)
             chain_length, since = meta.length, 0
         else:
             apply_delta(state, _state_part(item.tensors), delta, rewind=True)
             steps.replace_from(meta.first_step, item.tensors, meta.length)
             if meta.action == "rollback":
                 chain_length = min(chain_length, meta.length)
-                for ref in disk.chain:
-                    if ref.length > meta.length:
-                        ref.point = None
-            disk.points = {s: p for s, p in disk.points.items() if s < steps.last}
-            disk.points[steps.last] = PointRef(loc.name, loc.offset, item.digest, "record", meta.length)
+            disk.add_record(loc.name, loc.offset, item.digest, meta.length, meta.action == "rollback")
             since += 1
         del tokens[meta.base_length :]
         tokens.extend(ids)
@@ -211,7 +217,6 @@ def _replay(chain: list[_Located], found: dict[bytes, _Located], new_state: Call
         if point is None:
             raise ValueError(f"the snapshot at seq {head.meta.seq} has lost its point (its Mamba states)")
         load_recurrent(state, point.item.tensors)
-    disk.prev = head.digest
     return Restored(
         state, steps, tokens, 0, disk, head.meta.seq + 1, chain_length, since, head.meta.branch, len(chain), 0.0
     )
@@ -224,6 +229,12 @@ def _point_of(found: dict[bytes, _Located], segment: bytes) -> _Located | None:
     return None
 
 
+def _mark_owner(store: DirectoryStore, session: str, generation: int, after: int) -> None:
+    """Write down where this owner took over, so a later reader knows that a stale
+    owner's items past it are abandoned, even if this owner writes nothing more."""
+    store.write_atomic(session, owner_name(generation), json.dumps({"after": after}).encode())
+
+
 def restore(
     store: DirectoryStore, session: str, model: str, new_state: Callable[[], SessionState]
 ) -> Restored:
@@ -234,7 +245,7 @@ def restore(
     generation = claim(store, session)
     files = store.files(session)
     found, damage = _read_all(store, session, files)
-    bound = _stale_bound(files)
+    bound = _stale_bound(store, session, files)
     heads = [
         loc for loc in found.values()
         if loc.item.kind != "point" and loc.item.meta.session == session
@@ -256,6 +267,7 @@ def restore(
                 session[:8], restored.steps.last, "; ".join(damage + failures[:3]), restored.steps.last,
             )
         restored.generation, restored.seconds = generation, time.perf_counter() - start
+        _mark_owner(store, session, generation, restored.next_seq - 1)
         return restored
     if damage or failures:
         raise SessionLogError(

@@ -70,7 +70,7 @@ class SegmentMeta(_Meta):
     branch: bytes = _Digest
     base_length: int = _Count
     length: int = _Count
-    forked_from: str | None = Field(None, max_length=64)  # a fork's first segment names its parent
+    forked_from: str | None = Field(None, max_length=64)  # the session the segment before it belongs to, past a fork
 
 
 class PointMeta(_Meta):

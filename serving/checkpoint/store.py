@@ -148,6 +148,12 @@ class DirectoryStore:
         f.flush()
         self._fsync(f)
 
+    def truncate(self, session: str, name: str, size: int) -> None:
+        """Cut a file back to ``size`` bytes (what a failed append left after it goes)."""
+        with self.fs.open(self.path(session, name), "r+b") as f:
+            f.truncate(size)
+            self._fsync(f)
+
     def link(self, source: str, name: str, target: str) -> None:
         """Give ``target`` an immutable file of ``source``: a hard link on a local disk, a copy elsewhere."""
         src, dst = self.path(source, name), self.path(target, name)
