@@ -2,7 +2,9 @@
 
 With no ``--model`` it runs the embedded default model (random weights, byte tokenizer), so
 it works on a fresh machine with no files; point ``--model`` at a LongLLaVA checkpoint
-directory for real answers.
+directory for real answers. With ``--checkpoint-dir`` the session is durable: the run
+prints its id, and ``--session <id>`` in a later run (any process, any machine sharing the
+directory) continues it as the next step, with its whole history.
 
 Mistakes in the arguments (a missing directory, an image that cannot be read, a sampling
 value out of range) are reported as usage errors before the model loads. The model's
@@ -23,7 +25,8 @@ from model import ops
 from model.prompt import Image, Text, as_rgb, user_message
 
 from .engine import Engine
-from .sampling import SamplingParams
+from .errors import StoreUnavailableError
+from .types import SamplingParams
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,30 +37,34 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"{flag} {where}: no such directory")
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         p.error(f"--model {args.model}: not a checkpoint directory (it has no config.json)")
+    if args.session is not None and args.checkpoint_dir is None:
+        p.error("--session needs --checkpoint-dir: the directory the session was checkpointed to")
     sampling = _sampling(p, args)
     images = [Image(_read_image(p, path)) for path in args.image]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
         engine = Engine.from_pretrained(
-            args.model, vision_tower_path=args.vision_tower, tokenizer_path=args.tokenizer, kernels=args.kernels
+            args.model, vision_tower_path=args.vision_tower, tokenizer_path=args.tokenizer, kernels=args.kernels,
+            checkpoint_dir=args.checkpoint_dir,
         )
-    except (OSError, ValueError) as exc:  # a checkpoint, tower or tokenizer that cannot be loaded
-        p.error(f"cannot load the model: {exc}")
+    except (OSError, ValueError, StoreUnavailableError) as exc:  # a model, tokenizer or store that cannot be used
+        p.error(f"cannot start the engine: {exc}")
     if args.model is None:
         print("[embedded default model: random weights, so the answer is noise until a checkpoint is given]", file=sys.stderr)
-    session = engine.create()
     try:
+        session = engine.create() if args.session is None else args.session
         step = engine.append(session, user_message([*images, Text(args.prompt)]))
-    except ValueError as exc:  # e.g. more tokens than one append takes
+    except (KeyError, ValueError) as exc:  # an unknown or damaged session; more tokens than one append takes
         p.error(f"cannot append the prompt: {exc}")
     print(f"[appended {step.tokens} tokens: {len(images)} image(s) and the question]", file=sys.stderr)
 
     for event in engine.generate(session, sampling):
         print(printable(event.text), end="", flush=True)
+    engine.shutdown()  # every change is on disk before the process ends
     info = engine.session_info(session)
-    state = engine.state_of(session)
-    print(f"\n[{info.length} tokens in history; session state {state.nbytes / 2**20:.2f} MiB]", file=sys.stderr)
+    where = f"; session {session}, step {info.step}, durable in {args.checkpoint_dir}" if args.checkpoint_dir else ""
+    print(f"\n[{info.length} tokens in history; session state {info.state_bytes / 2**20:.2f} MiB{where}]", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--kernels", choices=ops.CHOICES, help="Mamba kernels (default: auto, Triton on CUDA)")
+    p.add_argument("--checkpoint-dir", help="make the session durable in this directory (local or shared)")
+    p.add_argument("--session", help="continue this session from --checkpoint-dir instead of starting one")
     return p
 
 

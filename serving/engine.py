@@ -155,6 +155,13 @@ class Engine:
             resident=resident, durable_step=s.durable_step,
         )
 
+    def adopt(self, session: str) -> SessionInfo:
+        """Serve ``session`` from this engine: restore it from the store, taking it over from
+        whichever engine had it, unless it is here already and still ours."""
+        with self.sessions.hold(session):
+            pass
+        return self.session_info(session)
+
     def state_of(self, session: str) -> SessionState:
         """The live state (for checkpointing and measurement; do not mutate)."""
         return self.sessions.get(session).state
@@ -260,7 +267,7 @@ class Engine:
         return Request(s, OutputStream(self.tokenizer, self.model.config.eos_token_ids, sampling), rng, s.state.length)
 
     def _decode(self, requests: list[Request]) -> Iterator[tuple[str, TokenEvent]]:
-        loop = DecodeLoop(self.model, self._model_lock, requests)
+        loop = DecodeLoop(self.model, self._model_lock, requests, self.tokenizer.vocab_size)
         try:
             while loop.running:
                 for r, event in loop.step():

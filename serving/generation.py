@@ -46,8 +46,11 @@ class Request:
 
 
 class DecodeLoop:
-    def __init__(self, model: LongLLaVA, model_lock: threading.Lock, requests: list[Request]):
-        self.model, self.model_lock = model, model_lock
+    """``vocab`` is the tokenizer's: a model with a larger embedding never samples ids
+    that no text decodes to."""
+
+    def __init__(self, model: LongLLaVA, model_lock: threading.Lock, requests: list[Request], vocab: int):
+        self.model, self.model_lock, self.vocab = model, model_lock, vocab
         self.running = list(requests)
         self.batch: DecodeBatch | None = None
         with model_lock, torch.no_grad():
@@ -58,7 +61,8 @@ class DecodeLoop:
         running = self.running
         if self.batch is None:
             self.batch = DecodeBatch([r.session.state for r in running])
-        tokens = sample_batch(self.logits, [r.stream.sampling for r in running], [r.rng for r in running])
+        logits = self.logits[:, : self.vocab]
+        tokens = sample_batch(logits, [r.stream.sampling for r in running], [r.rng for r in running])
         with self.model_lock, torch.no_grad():
             logits = self.model.decode(self.batch, self.model.embed(tokens))
         events: list[tuple[Request, TokenEvent]] = []

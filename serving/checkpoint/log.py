@@ -33,6 +33,7 @@ from array import array
 import logging
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Literal
 
@@ -353,13 +354,16 @@ class SessionLog:
                 return
             jobs = list(self._jobs)
         saved, file_before = self.disk.copy(), (self._file_name, self._file_size)
+        stats, start = self.writer.stats, time.perf_counter()
         try:
             for job in jobs:
                 self._run(job)
             if self._file is not None:
                 self.store.sync(self._file)
+                stats.syncs += 1
         except Exception as exc:  # a full or read-only store, or a bug: either way, nothing is acknowledged
             log.error("checkpoint store: cannot write session %s…: %s", self.session[:8], exc, exc_info=not isinstance(exc, OSError))
+            stats.failures += 1
             self.disk = saved
             if self._file is not None:  # a retry appending to this file first cuts what this batch wrote
                 self._torn = (self._file_name, file_before[1] if file_before[0] == self._file_name else 0)
@@ -368,6 +372,7 @@ class SessionLog:
                 self.error = exc
                 self._cond.notify_all()
             return
+        stats.busy_s += time.perf_counter() - start
         owned = isinstance(jobs[-1], Close) or self.owned()
         with self._cond:
             if owned:
@@ -411,6 +416,8 @@ class SessionLog:
         offset = self._file_size
         self._file.write(frame)
         self._file_size += len(frame)
+        self.writer.stats.records += 1
+        self.writer.stats.bytes += len(frame)
         self.disk.add_record(self._file_name, offset, digest, c.length, c.action == "rollback")
 
     def _open_file(self, name: str) -> None:
@@ -446,6 +453,8 @@ class SessionLog:
         point_meta = PointMeta(**self._meta(c.seq), prev=digest, segment=digest, length=c.length, step=c.step)
         point_frame, point_digest = encode("point", point_meta, point, self.store.key)
         self.store.write_atomic(self.session, point_name, point_frame)
+        self.writer.stats.snapshots += 1
+        self.writer.stats.bytes += len(frame) + len(point_frame)
         ref = SnapshotRef(self.session, c.seq, digest, c.snapshot_base, c.length, c.step, segment_name, point_name)
         self.disk.add_snapshot(ref, point_digest)
 

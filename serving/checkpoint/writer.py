@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 
 from .log import SessionLog
 
 
+@dataclass
+class WriterStats:
+    """What the writer has done, for metrics and benchmarks (updated by its thread only)."""
+
+    records: int = 0
+    snapshots: int = 0
+    bytes: int = 0  # frames written: records, segments and points
+    syncs: int = 0
+    busy_s: float = 0.0  # time spent writing and syncing
+    failures: int = 0
+
+
 class CheckpointWriter:
     def __init__(self) -> None:
+        self.stats = WriterStats()
         self._queue: queue.Queue[SessionLog | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()

@@ -205,6 +205,33 @@ def test_rollback_beyond_the_memory_ring_comes_from_the_log(model, tmp_path, uni
     assert state_bytes(engine_on(model, tmp_path), s) == state_bytes(live, s)  # the rolled-back branch is restored
 
 
+def test_the_retention_policy_keeps_the_newest_points(model, tmp_path):
+    live = engine_on(model, tmp_path, rollback_window=1, checkpoint=CheckpointPolicy(snapshot_every=2, keep_points=2))
+    s = live.create()
+    seen = run_steps(live, s, range(1, 7))  # a snapshot at the end of every step
+    live.flush()
+    points = sorted(n for n in os.listdir(session_dir(live, s)) if n.endswith(".point"))
+    assert len(points) == 2  # steps 5 and 6; the older points were deleted
+    with pytest.raises(ValueError, match=r"the log keeps steps \[5, 6\]"):
+        live.rollback(s, 4)
+    assert live.rollback(s, 5).step == 5 and digest(live, s) == seen[5]
+
+
+def test_any_fsspec_filesystem_with_the_guarantees_will_do(model):
+    """fsspec's in-memory filesystem appends, renames and creates exclusively, so it holds
+    sessions as well as a directory does (within one process)."""
+    url = "memory://longllava-test-store"
+    live = Engine(model, device="cpu", checkpoint_dir=url, checkpoint=CheckpointPolicy(snapshot_every=3))
+    s = live.create()
+    seen = run_steps(live, s, range(1, 5))
+    child = live.fork(s)
+    live.flush()
+    other = Engine(model, device="cpu", checkpoint_dir=url)
+    assert other.adopt(s).step == 4 and digest(other, s) == seen[4]
+    assert state_bytes(other, child) == state_bytes(live, child)
+    assert not live.sessions.get(s).log.owned()  # the adopting engine took it over
+
+
 def test_a_fork_is_durable_by_itself(model, tmp_path):
     live = engine_on(model, tmp_path)
     parent = live.create()
