@@ -408,7 +408,7 @@ class SessionLog:
     def _append_record(self, c: Capture) -> None:
         meta = RecordMeta(
             **self._meta(c.seq), prev=self.disk.prev, action=c.action, branch=c.branch,
-            base_length=c.base_length, length=c.length, first_step=c.first_step,
+            base_length=c.base_length, length=c.length, first_step=c.first_step, step=c.step,
         )
         frame, digest = encode("record", meta, c.tensors, self.store.key)
         if self._file is None:

@@ -205,6 +205,8 @@ def _replay(chain: list[_Located], found: dict[bytes, _Located], new_state: Call
         else:
             apply_delta(state, _state_part(item.tensors), delta, rewind=True)
             steps.replace_from(meta.first_step, item.tensors, meta.length)
+            if steps.last != meta.step:
+                raise CorruptBlobError(f"seq {meta.seq}: its step entries do not end at step {meta.step}")
             if meta.action == "rollback":
                 chain_length = min(chain_length, meta.length)
             disk.add_record(loc.name, loc.offset, item.digest, meta.length, meta.action == "rollback")

@@ -64,6 +64,7 @@ class RecordMeta(_Meta):
     base_length: int = _Count  # the history length the record starts from; shorter than the last one after a rollback
     length: int = _Count
     first_step: int = _Count  # the record's step-table entries replace those after this step
+    step: int = _Count  # the session's last step after the record
 
 
 class SegmentMeta(_Meta):
