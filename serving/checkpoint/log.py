@@ -143,15 +143,18 @@ class Close:
 Job = Capture | Fork | ForkPoint | Close
 
 
-def _copy(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-    """Contiguous host copies that later steps cannot change: pinned and asynchronous on CUDA."""
-    out, event = {}, None
-    for name, t in tensors.items():
-        if t.device.type == "cuda":
-            out[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-            event = event or torch.cuda.Event()
-        else:
-            out[name] = t.clone(memory_format=torch.contiguous_format)
+def _copy(*groups: dict[str, torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], torch.cuda.Event | None]:
+    """Contiguous host copies that later steps cannot change: pinned and asynchronous on
+    CUDA, with one event that says when all of them are done."""
+    out, event = [], None
+    for tensors in groups:
+        out.append({})
+        for name, t in tensors.items():
+            if t.device.type == "cuda":
+                out[-1][name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                event = event or torch.cuda.Event()
+            else:
+                out[-1][name] = t.clone(memory_format=torch.contiguous_format)
     if event is not None:
         event.record()
     return out, event
@@ -261,14 +264,12 @@ class SessionLog:
         snapshot_base, snapshot = self.chain_length, {}
         every = self.policy.snapshot_every
         if self.since_snapshot >= every and (action != "append" or self.since_snapshot >= 2 * every):
-            snapshot = kv_tensors(state, snapshot_base) | token_tensor(tokens, snapshot_base, state.length)
-            snapshot = {f"snapshot.{k}": v for k, v in (snapshot | steps.to_tensors()).items()}
+            snapshot = kv_tensors(state, snapshot_base) | token_tensor(tokens, snapshot_base, state.length) | steps.to_tensors()
             self.since_snapshot, self.chain_length = 0, state.length
-        copies, ready = _copy(tensors | snapshot)
-        taken = {k.removeprefix("snapshot."): copies.pop(k) for k in list(copies) if k.startswith("snapshot.")}
+        (copies, snapshot), ready = _copy(tensors, snapshot)
         job = Capture(
             action, self.next_seq, steps.last, first_step, base_length, state.length, self.branch, copies,
-            taken or None, snapshot_base, ready=ready,
+            snapshot or None, snapshot_base, ready=ready,
         )
         self.next_seq += 1
         self.recorded = state.length
@@ -280,7 +281,7 @@ class SessionLog:
         links on a local disk), and the child's first snapshot holds the rest."""
         base = self.chain_length
         tensors = kv_tensors(state, base) | recurrent_tensors(state) | token_tensor(tokens, base, state.length)
-        copies, ready = _copy(tensors | steps.to_tensors())
+        (copies,), ready = _copy(tensors | steps.to_tensors())
         child.next_seq, child.branch = self.next_seq, secrets.token_bytes(32)
         capture = Capture(
             "append", child.next_seq, steps.last, 0, base, state.length, child.branch, {}, copies, base, ready=ready,
