@@ -11,13 +11,15 @@ Sessions that do not exist (never created, or closed) raise a `KeyError`.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence
 
 from pydantic import BaseModel
 
 from model.prompt import Piece
-from serving.engine import Engine
 from serving.types import SamplingParams, StepResult
+
+if TYPE_CHECKING:  # the engine is passed in: a remote agent never imports torch
+    from serving.engine import Engine
 
 
 class Generation(BaseModel):

@@ -1,33 +1,36 @@
 """The hybrid LongLLaVA network, its recurrent session state, and checkpoint loading.
 
-This package imports nothing from the rest of the project.
+This package imports nothing from the rest of the project. Its names load on first use,
+so ``model.prompt`` (PIL and numpy only) can be imported without torch, as a remote
+agent does.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import HybridLMConfig, LongLLaVAConfig, VisionConfig
-from .default import DEFAULT_CONFIG, default_model
-from .llm import HybridLM
-from .longllava import LongLLaVA
-from .state import DecodeBatch, SessionState
-from .state_codec import StateMismatchError, apply_state_delta, state_from_bytes, state_to_bytes
-from .tensorpack import CorruptBlobError
+import importlib
 
-__all__ = [
-    "CheckpointError",
-    "CorruptBlobError",
-    "DEFAULT_CONFIG",
-    "DecodeBatch",
-    "HybridLM",
-    "HybridLMConfig",
-    "LongLLaVA",
-    "LongLLaVAConfig",
-    "SessionState",
-    "StateMismatchError",
-    "VisionConfig",
-    "apply_state_delta",
-    "default_model",
-    "load_checkpoint",
-    "save_checkpoint",
-    "state_from_bytes",
-    "state_to_bytes",
-]
+_HOMES = {
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "HybridLMConfig": "config",
+    "LongLLaVAConfig": "config",
+    "VisionConfig": "config",
+    "DEFAULT_CONFIG": "default",
+    "default_model": "default",
+    "HybridLM": "llm",
+    "LongLLaVA": "longllava",
+    "DecodeBatch": "state",
+    "SessionState": "state",
+    "StateMismatchError": "state_codec",
+    "apply_state_delta": "state_codec",
+    "state_from_bytes": "state_codec",
+    "state_to_bytes": "state_codec",
+    "CorruptBlobError": "tensorpack",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

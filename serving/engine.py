@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -38,10 +37,11 @@ from model.tokenizer import Tokenizer, load_tokenizer
 from .checkpoint import CheckpointPolicy, DirectoryStore, model_fingerprint, read_point
 from .errors import StepGapError
 from .generation import DecodeLoop, Request
-from .inputs import InputProcessor
+from .inputs import InputProcessor, Observation
 from .outputs import OutputStream
+from .scheduler import Scheduler
 from .sessions import Session, SessionTable
-from .types import SamplingParams, SessionInfo, StepResult, TokenEvent
+from .types import EngineStats, SamplingParams, SessionInfo, StepResult, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Engine:
             max_sessions=max_sessions,
             max_resident_bytes=max_resident_bytes,
         )
-        self._model_lock = threading.Lock()
+        self.scheduler = Scheduler(DecodeLoop(self.model, self.tokenizer.vocab_size))
         log.info(
             "engine: %s on %s (%s); kernels: %s; sessions: %s",
             type(model).__name__,
@@ -140,8 +140,9 @@ class Engine:
         return self.model.new_state(max_snapshots=self.rollback_window)
 
     # ------------------------------------------------------------------ sessions
-    def create(self) -> str:
-        return self.sessions.create().id
+    def create(self, session_id: str | None = None) -> str:
+        """A new session's id: ``session_id`` if given (URL-safe base64, new), else a random one."""
+        return self.sessions.create(session_id).id
 
     def close(self, session: str) -> None:
         self.sessions.close(session)
@@ -152,7 +153,7 @@ class Engine:
         s = self.sessions.get(session)
         return SessionInfo(
             session=session, step=s.steps.last, length=s.state.length, state_bytes=s.state.nbytes,
-            resident=resident, durable_step=s.durable_step,
+            resident=resident, durable_step=s.durable_step, finish_reason=s.steps.finish[s.steps.last],
         )
 
     def adopt(self, session: str) -> SessionInfo:
@@ -172,6 +173,22 @@ class Engine:
         for s in sessions:
             if s.log is not None:
                 s.log.wait()
+
+    def stats(self) -> EngineStats:
+        resident = self.sessions.resident()
+        logged = [s for s in resident if s.log is not None]
+        writer = self.sessions.writer
+        failure = self.scheduler.failure
+        broken = f"the model thread failed: {failure!r}" if failure else None
+        if writer is not None and not writer.alive:
+            broken = "the checkpoint writer thread is not running"
+        return EngineStats(
+            resident=len(resident), state_bytes=sum(s.state.resident_nbytes for s in resident),
+            generating=self.scheduler.generating, evictions=self.sessions.evictions,
+            decode_steps=self.scheduler.steps, decoded_tokens=self.scheduler.decoded,
+            checkpoint_lag_steps=sum(s.steps.last - s.durable_step for s in logged),
+            failing_logs=sum(s.log.error is not None for s in logged), broken=broken,
+        )
 
     def shutdown(self) -> None:
         """Write what is still queued, then stop the checkpoint writer."""
@@ -194,19 +211,24 @@ class Engine:
             if not s.steps.check_new(step, observation.digest):
                 return self._reply(s, step)
             start = s.state.length
-            with self._model_lock, torch.no_grad():
-                embeds = self.inputs.embed(observation)
-                s.state.snapshot()  # the end of the previous step: a rollback target
-                try:
-                    self.model.prefill(s.state, embeds, logits="none")
-                except BaseException:
-                    s.state.rollback(start)  # a failed prefill leaves no half-written state
-                    raise
+            self.scheduler.run(lambda: self._prefill(s, observation))
             s.tokens.extend(observation.history_ids(self.model.config.image_tokens))
             s.steps.add(s.state.length, observation.digest)
             s.record("append", first_step=s.steps.last - 1)
             self._sync(s, sync)
             return self._reply(s, tokens=s.state.length - start)
+
+    @torch.no_grad()
+    def _prefill(self, s: Session, observation: Observation) -> None:
+        """On the model thread: encode the observation and run it onto the session's state."""
+        start = s.state.length
+        embeds = self.inputs.embed(observation)
+        s.state.snapshot()  # the end of the previous step: a rollback target
+        try:
+            self.model.prefill(s.state, embeds, logits="none")
+        except BaseException:
+            s.state.rollback(start)  # a failed prefill leaves no half-written state
+            raise
 
     # ------------------------------------------------------------------ generate
     def generate(
@@ -263,21 +285,24 @@ class Engine:
     def _request(self, s: Session, sampling: SamplingParams) -> Request:
         if s.state.last_hidden is None:
             raise ValueError(f"session {s.id[:8]}… has nothing to generate from: append a prompt first")
+        if sampling.logit_bias and not 0 <= min(sampling.logit_bias) <= max(sampling.logit_bias) < self.tokenizer.vocab_size:
+            raise ValueError(f"logit_bias names token ids outside the tokenizer's 0..{self.tokenizer.vocab_size - 1}")
         rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         return Request(s, OutputStream(self.tokenizer, self.model.config.eos_token_ids, sampling), rng, s.state.length)
 
     def _decode(self, requests: list[Request]) -> Iterator[tuple[str, TokenEvent]]:
-        loop = DecodeLoop(self.model, self._model_lock, requests, self.tokenizer.vocab_size)
+        """The requests' events from the model thread, which decodes them together with
+        every other generation running on this engine."""
+        events = self.scheduler.decode(requests)
         try:
-            while loop.running:
-                for r, event in loop.step():
-                    if event.finish_reason is not None:
-                        event = self._finish(r, event)
-                    yield r.session.id, event
+            for r, event in events:
+                if event.finish_reason is not None:
+                    event = self._finish(r, event)
+                yield r.session.id, event
         finally:
-            loop.close()
-            for r in loop.running:  # stopped early (the caller went away): log what joined the history
-                if r.added:
+            events.close()  # withdraws the requests still running
+            for r in requests:  # stopped early (the caller went away): log what joined the history
+                if r.stream.finish is None and r.added:
                     r.session.record("generate", first_step=r.session.steps.last - 1)
 
     def _finish(self, r: Request, event: TokenEvent) -> TokenEvent:

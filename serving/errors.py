@@ -30,6 +30,43 @@ class StepGapError(ValueError):
         super().__init__(message)
         self.next_step = next_step
 
+    def __reduce__(self):  # crosses processes (a Serve replica's error reaches the ingress) whole
+        return type(self), (self.args[0], self.next_step)
+
+
+class LimitExceededError(ValueError):
+    """A request over one of the server's limits (an observation's tokens, an image's
+    bytes or pixels, text size); the message names the limit and its value."""
+
+
+class MalformedRequestError(ValueError):
+    """A request body, msgpack document, form or image file that cannot be read."""
+
+
+class UnsupportedMediaError(ValueError):
+    """A body in an encoding the server does not read; the message lists those it does."""
+
+
+class AuthenticationError(PermissionError):
+    """No credentials where some are needed: the API key or a session's token is missing."""
+
+
+class AccessDeniedError(PermissionError):
+    """Credentials that do not grant this: a wrong API key, or another session's token."""
+
+
+class UnknownModelError(LookupError):
+    """A request for a model this server does not serve; the message names the one it does."""
+
+
+class ReplicaUnavailableError(RuntimeError):
+    """The replica serving a request died, and no other took the request over in time
+    (or the request had no step number, so re-sending it might apply it twice)."""
+
+
+class TooManySessionsError(RuntimeError):
+    """The replica holds its maximum of open sessions; close some, or try again later."""
+
 
 class SessionLogError(ValueError):
     """A checkpoint store or session log that cannot be read: corrupt, foreign, or of

@@ -3,11 +3,15 @@
 ``DecodeLoop.step()`` is schedule, execute, update, as in vLLM v1's engine core:
 
 - **schedule**: the requests still running, as one ``DecodeBatch`` over their states
-  (rebuilt only when a request finishes);
+  (rebuilt only when a request joins or leaves);
 - **execute**: sample each request's next token from its logits, and run one decode
   forward for all of them;
 - **update**: the tokens join each session's history and step table, and each request's
   ``OutputStream`` turns its token into events; finished requests leave.
+
+Requests join (``admit``) and leave (``withdraw``) between steps, so generations that
+start at different times share the forwards (continuous batching); the engine's
+``Scheduler`` calls them from its model thread.
 
 Every sampled token joins the history, EOS included, so the next append continues after
 it. A request's first logits come from its session's ``last_hidden`` through the model's
@@ -17,8 +21,8 @@ computes, so a restored session generates what the live one would have.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 
@@ -31,7 +35,7 @@ from .sessions import Session
 from .types import TokenEvent
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Request:
     """One session's side of a generation."""
 
@@ -49,36 +53,50 @@ class DecodeLoop:
     """``vocab`` is the tokenizer's: a model with a larger embedding never samples ids
     that no text decodes to."""
 
-    def __init__(self, model: LongLLaVA, model_lock: threading.Lock, requests: list[Request], vocab: int):
-        self.model, self.model_lock, self.vocab = model, model_lock, vocab
-        self.running = list(requests)
+    def __init__(self, model: LongLLaVA, vocab: int):
+        self.model, self.vocab = model, vocab
+        self.running: list[Request] = []
+        self.logits: torch.Tensor | None = None  # [running, vocab]: each request's next-token logits
         self.batch: DecodeBatch | None = None
-        with model_lock, torch.no_grad():
-            self.logits = torch.cat([model.head(r.session.state.last_hidden) for r in requests])
 
+    @torch.no_grad()
+    def admit(self, requests: list[Request]) -> None:
+        """Requests join the running ones; they decode from the next step on."""
+        first = torch.cat([self.model.head(r.session.state.last_hidden) for r in requests])
+        self.close()  # the batch is rebuilt with them at the next step
+        self.running += requests
+        self.logits = first if self.logits is None else torch.cat([self.logits, first])
+
+    def withdraw(self, requests: Collection[Request]) -> None:
+        """Requests leave before they finish (their caller went away, or a step failed)."""
+        self._keep([j for j, r in enumerate(self.running) if r not in requests])
+
+    @torch.no_grad()
     def step(self) -> list[tuple[Request, TokenEvent]]:
         """One token for every running request; returns their events in order."""
         running = self.running
         if self.batch is None:
             self.batch = DecodeBatch([r.session.state for r in running])
-        logits = self.logits[:, : self.vocab]
-        tokens = sample_batch(logits, [r.stream.sampling for r in running], [r.rng for r in running])
-        with self.model_lock, torch.no_grad():
-            logits = self.model.decode(self.batch, self.model.embed(tokens))
+        tokens = sample_batch(self.logits[:, : self.vocab], [r.stream.sampling for r in running], [r.rng for r in running])
+        self.logits = self.model.decode(self.batch, self.model.embed(tokens))
         events: list[tuple[Request, TokenEvent]] = []
         for r, token in zip(running, tokens):
             s = r.session
             s.tokens.append(token)
             s.steps.extend_reply(s.state.length, None)
             events += [(r, e) for e in r.stream.accept(token)]
-        keep = [j for j, r in enumerate(running) if r.stream.finish is None]
-        if len(keep) < len(running):
-            self.close()
-            self.running, logits = [running[j] for j in keep], logits[keep]
-        self.logits = logits
+        self._keep([j for j, r in enumerate(running) if r.stream.finish is None])
         return events
 
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.running):
+            return
+        self.close()
+        self.running = [self.running[j] for j in rows]
+        self.logits = self.logits[rows] if rows else None
+
     def close(self) -> None:
+        """Give every session its own state back (the batch holds views of them)."""
         if self.batch is not None:
             self.batch.close()
             self.batch = None

@@ -20,6 +20,7 @@ from model.longllava import LongLLaVA
 from model.prompt import IMAGE_TOKEN_INDEX, Piece, Text, render_pieces
 from model.tokenizer import Tokenizer, tokenize_prompt
 
+from .errors import LimitExceededError
 from .steps import content_digest
 
 
@@ -52,7 +53,7 @@ class InputProcessor:
         ids = tokenize_prompt(self.tokenizer, text)
         tokens = len(ids) + len(images) * (self.model.config.image_tokens - 1)
         if tokens > self.max_chunk_tokens:
-            raise ValueError(
+            raise LimitExceededError(
                 f"this append is {tokens} tokens ({len(images)} images), over the engine's "
                 f"max_chunk_tokens={self.max_chunk_tokens}"
             )

@@ -6,7 +6,7 @@ import torch
 
 from .types import SamplingParams
 
-__all__ = ["SamplingParams", "find_stop", "sample_batch", "sample_next"]
+__all__ = ["SamplingParams", "biased", "find_stop", "sample_batch", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -27,8 +27,20 @@ def sample_batch(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
     """One token per row of ``logits [batch, vocab]``; greedy rows share one device sync."""
+    if any(p.logit_bias for p in params):
+        logits = biased(logits, params)
     greedy = logits.argmax(-1).tolist()
     return [g if p.temperature == 0.0 else sample_next(row, p, rng) for g, row, p, rng in zip(greedy, logits, params, generators)]
+
+
+def biased(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The logits with each row's ``logit_bias`` added (ids are checked against the vocabulary when a generation starts)."""
+    logits = logits.clone()
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
@@ -77,6 +77,8 @@ class SessionTable:
         self.max_sessions, self.max_resident_bytes = max_sessions, max_resident_bytes
         self.writer = CheckpointWriter() if store is not None else None
         self._resident: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self.evictions = 0
+        self.restores: deque[float] = deque(maxlen=4096)  # each restore's seconds, until a metrics reader takes them
         self._lock = threading.Lock()
         self._restoring = threading.Lock()
 
@@ -143,8 +145,14 @@ class SessionTable:
             s.lock.release()
 
     # ------------------------------------------------------------------ create, fork, close
-    def create(self) -> Session:
-        session = Session(secrets.token_urlsafe(18), self.new_state())  # 144 random bits: unguessable
+    def create(self, session_id: str | None = None) -> Session:
+        """A new, empty session. ``session_id`` lets a router pick the id (and so the
+        replica that serves it); it must be new. By default it is 144 random bits."""
+        if session_id is None:
+            session_id = secrets.token_urlsafe(18)
+        elif self._known(check_session_id(session_id)):
+            raise ValueError(f"session {session_id[:8]}… exists already")
+        session = Session(session_id, self.new_state())
         if self.store is not None:
             self.store.create_session(session.id)
             session.log = self._new_log(session.id, claim(self.store, session.id))
@@ -159,6 +167,9 @@ class SessionTable:
             parent.log.fork(child.log, child.state, child.tokens, child.steps)
         self._insert(child)
         return child
+
+    def _known(self, session: str) -> bool:
+        return self.is_resident(session) or (self.store is not None and self.store.has(session))
 
     def close(self, session: str) -> None:
         """Forget the session here and in the store."""
@@ -198,6 +209,7 @@ class SessionTable:
                 "restored session %s… at step %d (%d tokens, %d items) in %.3f s",
                 session[:8], r.steps.last, r.state.length, r.items, r.seconds,
             )
+            self.restores.append(r.seconds)
             with self._lock:
                 self._resident[session] = s
         self.enforce_budget()
@@ -234,6 +246,7 @@ class SessionTable:
                     try:
                         if s.log.idle or s.log.fenced:
                             self._drop(s)
+                            self.evictions += 1
                             return True
                     finally:
                         s.lock.release()

@@ -33,6 +33,10 @@ class CheckpointWriter:
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def wake(self, log: SessionLog) -> None:
         """``log`` has jobs waiting."""
         self._queue.put(log)
