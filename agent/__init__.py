@@ -8,7 +8,8 @@
     action = agent.step(Observation(screenshot, "Reply wait() to continue."))  # e.g. Click(x=500, y=300)
 
 Modules: `actions` (typed actions, the text grammar, lenient parsing), `prompt` (a step
-as LongLLaVA prompt pieces), `backend` (the session protocol and `LocalBackend`), `agent`
+as LongLLaVA prompt pieces), `backend` (the session protocol and `LocalBackend`), `remote`
+(`RemoteBackend`, the same protocol over HTTP to the Ray Serve app: no torch), `agent`
 (the Agent), `policy` (the agent as an `envs.rollout` policy, `--agent model`).
 """
 
@@ -29,9 +30,10 @@ from .actions import (
 from .agent import Agent, NoSessionError, StepRecord
 from .backend import Backend, Generation, LocalBackend
 from .prompt import Observation, step_pieces
+from .remote import RemoteBackend
 
 __all__ = [
     "ACTION", "FALLBACK", "Action", "Agent", "Answer", "Backend", "Click", "Generation", "Key",
-    "LocalBackend", "NoSessionError", "Observation", "ParsedAction", "Scroll", "StepRecord", "Type",
+    "LocalBackend", "NoSessionError", "Observation", "ParsedAction", "RemoteBackend", "Scroll", "StepRecord", "Type",
     "Wait", "format_action", "parse_action", "step_pieces",
 ]

@@ -6,32 +6,19 @@ generate carries its step number (1-based), so a backend that retries a lost req
 re-send it: the engine acknowledges a step it already applied, and re-sends a reply it
 already generated, rather than doing either twice.
 
-Sessions that do not exist (never created, or closed) raise a `KeyError`.
+Sessions that do not exist (never created, or closed) raise a `KeyError`. A reply is a
+`serving.types.Generation`, the wire type a remote backend receives too.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Protocol, Sequence
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from model.prompt import Piece
-from serving.types import SamplingParams, StepResult
+from serving.types import Generation, SamplingParams, StepResult
 
 if TYPE_CHECKING:  # the engine is passed in: a remote agent never imports torch
     from serving.engine import Engine
-
-
-class Generation(BaseModel):
-    """One reply. `tokens` counts every token that joined the history, the ending one
-    included (0 when the reply was already there and was re-sent); `length` is the
-    history's length after it."""
-
-    text: str
-    finish_reason: Literal["eos", "stop", "length"]  # EOS, a stop string, max_new_tokens
-    tokens: int
-    length: int
-    durable_step: int | None = None  # every step up to this one is in the checkpoint store
 
 
 class Backend(Protocol):
@@ -49,7 +36,7 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Sessions in an in-process `Engine`."""
+    """Sessions in an in-process `Engine`. (`agent.RemoteBackend` is the same protocol over HTTP.)"""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -66,6 +53,7 @@ class LocalBackend:
         return Generation(
             text="".join(e.text for e in events), finish_reason=last.finish_reason or "length",
             tokens=last.tokens or 0, length=last.length or 0, durable_step=last.durable_step,
+            replayed=last.replayed, token_ids=[e.token_id for e in events if e.token_id is not None],
         )
 
     def fork(self, session: str) -> str:
