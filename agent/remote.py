@@ -90,6 +90,8 @@ class RemoteBackend:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx2.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.sessions: dict[str, _Session] = {}
+        self.failovers = 0  # times the server re-sent one of our requests to another replica
+        self.replays = 0  # steps re-sent because the server had lost them in a failover
 
     def create(self) -> str:
         created = self._send("POST", "/v1/sessions")
@@ -161,6 +163,7 @@ class RemoteBackend:
         for n in range(first, step + observation):
             if n not in s.steps:
                 raise StepGapError(f"the server lost step {n}, which this client no longer holds", n)
+            self.replays += 1
             self._send("POST", f"/v1/sessions/{session}/steps", token=s.token, content=s.steps[n].body, media="application/msgpack")
             if n < step and s.steps[n].sampling is not None:
                 self._send("POST", f"/v1/sessions/{session}/generate", token=s.token, json=_generate_body(s.steps[n].sampling, n))
@@ -194,6 +197,7 @@ class RemoteBackend:
             if response.status_code == 503 and pause is not None:
                 time.sleep(pause)
                 continue
+            self.failovers += int(response.headers.get("x-failovers", 0))
             if response.status_code >= 400:
                 raise _error(response)
             return response.json() if response.content else {}
