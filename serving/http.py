@@ -219,7 +219,7 @@ async def generate(session: str, body: GenerateRequest, request: Request, token:
     events = server.generation(request, session, seeded(sampling), body.step)
     if not body.stream:
         return JSONResponse((await collect(events)).model_dump())
-    return await streaming(session_events(events))
+    return streaming(session_events(await started(events)))
 
 
 @api.post("/v1/sessions/{session}/fork", status_code=201, response_model=SessionCreated, tags=["sessions"])
@@ -286,8 +286,8 @@ async def chat_completions(
         appended = await server.call(request, session, "append", session, pieces, step, None)
         events = server.generation(request, session, sampling, step)
         if body.stream:
-            chunks, closing = chat_stream(events, body, server.model_name, appended.tokens, closing), None
-            return await streaming(chunks)
+            chunks, closing = chat_stream(await started(events), body, server.model_name, appended.tokens, closing), None
+            return streaming(chunks)
         return JSONResponse((await chat_completion(events, server.model_name, appended.tokens)).model_dump())
     finally:
         if closing is not None:
@@ -366,17 +366,21 @@ class Ingress:
 
 
 # ---------------------------------------------------------------------------- replies
-async def streaming(body: AsyncIterator[str]) -> Response:
-    """A Server-Sent Events response; the first events are awaited first, so that an error
-    before any token (an unknown session, a bad step) is an HTTP status, not an event."""
-    first = await anext(body)
+async def started(events: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[list[TokenEvent]]:
+    """``events`` with its first item awaited already, so that an error before any token
+    (an unknown session, a bad step) is an HTTP status rather than an event."""
+    first = await anext(events)
 
-    async def rest() -> AsyncIterator[str]:
+    async def chained() -> AsyncIterator[list[TokenEvent]]:
         yield first
-        async for chunk in body:
-            yield chunk
+        async for batch in events:
+            yield batch
 
-    return StreamingResponse(rest(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    return chained()
+
+
+def streaming(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 async def session_events(events: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[str]:
