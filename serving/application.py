@@ -52,6 +52,7 @@ class AppArgs(Limits):
     torch_threads: int | None = Field(None, ge=1)  # default: cpus_per_replica, at least 1
     checkpoint_dir: str = "longllava-sessions"  # a directory every replica reaches, or an fsspec URL
     max_resident_bytes: int | None = Field(None, ge=0)  # per replica; past it idle sessions go to the store
+    rollback_window: int = Field(16, ge=0)  # steps of Mamba snapshots kept in memory per session (older: from the log)
     api_key: str | None = None  # default: $LONGLLAVA_API_KEY; without either, no key is asked for
     session_secret: str | None = None  # signs session tokens; default: $LONGLLAVA_SESSION_SECRET, else random
     max_ongoing_requests: int = Field(64, ge=1)  # per model replica
@@ -64,6 +65,7 @@ class AppArgs(Limits):
         return ReplicaSettings(
             model=self.model, vision_tower=self.vision_tower, tokenizer=self.tokenizer,
             checkpoint_dir=_absolute(self.checkpoint_dir), max_resident_bytes=self.max_resident_bytes,
+            rollback_window=self.rollback_window,
             device="cuda" if self.gpus_per_replica > 0 else "cpu",
             torch_threads=self.torch_threads or max(1, int(self.cpus_per_replica)),
             max_ongoing_requests=self.max_ongoing_requests, limits=self.limits(),

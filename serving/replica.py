@@ -42,6 +42,7 @@ class ReplicaSettings(BaseModel):
     tokenizer: str | None = None
     checkpoint_dir: str
     max_resident_bytes: int | None = None
+    rollback_window: int = 16
     device: str = "cpu"
     torch_threads: int = 1
     max_ongoing_requests: int = 64
@@ -60,6 +61,7 @@ class ModelReplica:
             settings.model, vision_tower_path=settings.vision_tower, tokenizer_path=settings.tokenizer,
             device=settings.device, checkpoint_dir=settings.checkpoint_dir,
             max_resident_bytes=settings.max_resident_bytes, max_chunk_tokens=settings.limits.max_observation_tokens,
+            rollback_window=settings.rollback_window,
         )
         self.threads = ThreadPoolExecutor(max_workers=settings.max_ongoing_requests + 4, thread_name_prefix="request")
         self.name = serve.get_replica_context().replica_id.unique_id

@@ -95,12 +95,14 @@ class SessionTable:
 
     def get(self, session: str) -> Session:
         """The session, restored from the store if it is not in memory (no lock taken)."""
+        return self._lookup(session) or self._restore(session)
+
+    def _lookup(self, session: str) -> Session | None:
         with self._lock:
             s = self._resident.get(session) if isinstance(session, str) else None
             if s is not None:
                 self._resident.move_to_end(session)
-                return s
-        return self._restore(session)
+            return s
 
     @contextlib.contextmanager
     def hold(self, session: str) -> Iterator[Session]:
@@ -122,9 +124,11 @@ class SessionTable:
 
     def _acquire(self, session: str) -> Session:
         while True:
-            s = self.get(session)
-            if not s.lock.acquire(blocking=False):
-                raise SessionBusyError(f"session {session[:8]}… is busy with another request")
+            s = self._lookup(session)
+            if s is None:  # restored with its lock held, so that no eviction comes in between
+                s = self._restore(session, locked=True)
+            elif not s.lock.acquire(blocking=False):
+                raise _busy(session)
             with self._lock:
                 current = self._resident.get(session)
             if current is not s:  # evicted or taken back while we waited for the lock: look again
@@ -193,13 +197,16 @@ class SessionTable:
         return SessionLog(self.store, self.writer, session, generation, self.model, self.layout, self.policy)
 
     # ------------------------------------------------------------------ restore and evict
-    def _restore(self, session: str) -> Session:
+    def _restore(self, session: str, locked: bool = False) -> Session:
+        """Read the session back from the store; ``locked`` returns it with its lock held."""
         if self.store is None:
             raise UnknownSessionError(f"unknown session {str(session)[:64]!r}")
         check_session_id(session)
         with self._restoring:
             with self._lock:
-                if (s := self._resident.get(session)) is not None:
+                if (s := self._resident.get(session)) is not None:  # another call restored it meanwhile
+                    if locked and not s.lock.acquire(blocking=False):
+                        raise _busy(session)
                     return s
             r = restore(self.store, session, self.model, self.new_state)
             s = Session(session, r.state, r.steps, r.tokens, self._new_log(session, r.generation))
@@ -210,6 +217,8 @@ class SessionTable:
                 session[:8], r.steps.last, r.state.length, r.items, r.seconds,
             )
             self.restores.append(r.seconds)
+            if locked:
+                s.lock.acquire()
             with self._lock:
                 self._resident[session] = s
         self.enforce_budget()
@@ -250,12 +259,19 @@ class SessionTable:
                             return True
                     finally:
                         s.lock.release()
-            if attempt == 0 and candidates:  # the writer may only be behind: give it a moment
+            # The writer may only be behind: wait for the oldest session not in use to be
+            # written. (One in use keeps writing, so waiting on it would last the whole timeout.)
+            waiting = next((s for s in candidates if not s.lock.locked()), None)
+            if attempt == 0 and waiting is not None:
                 with contextlib.suppress(StoreUnavailableError, SessionFencedError):
-                    candidates[0].log.wait(timeout=EVICT_WAIT_S)
+                    waiting.log.wait(timeout=EVICT_WAIT_S)
         return False
 
     def shutdown(self) -> None:
         """Wait for every log to be written, then stop the writer."""
         if self.writer is not None:
             self.writer.close()
+
+
+def _busy(session: str) -> SessionBusyError:
+    return SessionBusyError(f"session {session[:8]}… is busy with another request")

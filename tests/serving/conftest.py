@@ -12,18 +12,20 @@ Two applications run side by side, on the embedded default model:
 from __future__ import annotations
 
 import io
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
 import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
 
 API_KEY = "test-key"
-BUDGET = 24 * 2**20  # app two's max_resident_bytes per replica
-LIMITS = {"max_sessions": 16, "max_text_bytes": 16384, "max_observation_tokens": 8192, "max_image_pixels": 4_000_000}
+BUDGET = 32 * 2**20  # max_resident_bytes per replica: less than the load test's sessions take
+LIMITS = {"max_sessions": 48, "max_text_bytes": 16384, "max_observation_tokens": 8192, "max_image_pixels": 4_000_000}
 
 
 @dataclass
@@ -43,6 +45,7 @@ class App:
 class Served:
     one: App
     two: App
+    metrics: str  # Ray's Prometheus endpoint
 
 
 def free_port() -> int:
@@ -59,16 +62,18 @@ def served(tmp_path_factory) -> Served:
     from serving.application import AppArgs, app
 
     torch.set_num_threads(1)  # as the replicas: the in-process references then compute the same bits
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, namespace="serve",
-             log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    metrics = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, namespace="serve", log_to_driver=False,
+             _metrics_export_port=metrics, _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     root = tmp_path_factory.mktemp("served")
     apps = Served(
         one=App(f"http://127.0.0.1:{port}/one", "one", root / "one", 1, API_KEY),
         two=App(f"http://127.0.0.1:{port}/two", "two", root / "two", 2),
+        metrics=f"http://127.0.0.1:{metrics}/metrics",
     )
-    serve.run(app(AppArgs(checkpoint_dir=str(apps.one.store), api_key=API_KEY, cpus_per_replica=0.5, **LIMITS)),
+    serve.run(app(AppArgs(checkpoint_dir=str(apps.one.store), api_key=API_KEY, cpus_per_replica=0.5, max_resident_bytes=BUDGET, **LIMITS)),
               name="one", route_prefix="/one")  # returns once the app is running
     serve.run(app(AppArgs(checkpoint_dir=str(apps.two.store), replicas=2, cpus_per_replica=0.5, max_resident_bytes=BUDGET)),
               name="two", route_prefix="/two")
@@ -94,3 +99,13 @@ def png_bytes(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     PILImage.fromarray(array).save(out, format="PNG")
     return out.getvalue()
+
+
+def metric(served: Served, name: str, app: str) -> dict[str, float]:
+    """The latest value of a replica metric, by replica, from Ray's Prometheus endpoint."""
+    values = {}
+    for line in httpx2.get(served.metrics).text.splitlines():
+        if line.startswith(f"ray_{name}{{") and f'application="{app}"' in line:
+            replica = re.search(r'replica="([^"]+)"', line).group(1)
+            values[replica] = float(line.rsplit(" ", 1)[1])
+    return values

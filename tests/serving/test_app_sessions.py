@@ -89,13 +89,13 @@ def test_round_trip_equals_the_in_process_engine(served, reference):
     pieces = user_message([Text("on the fork")])
     assert backend.append(child, pieces, step=STEPS + 1).length == reference.append(ref_child, pieces, step=STEPS + 1).length
     assert backend.generate(child, GREEDY, STEPS + 1).token_ids == reference_tokens(reference, ref_child, STEPS + 1)[0]
-    back, ref_back = backend.rollback(s, 25), reference.rollback(ref, 25)
-    assert (back.step, back.length) == (ref_back.step, ref_back.length) == (25, reference.session_info(ref).length)
+    back, ref_back = backend.rollback(s, 40), reference.rollback(ref, 40)
+    assert (back.step, back.length) == (ref_back.step, ref_back.length) == (40, reference.session_info(ref).length)
     pieces = user_message([Image(screenshot(99)), Text("another way")])
-    assert backend.append(s, pieces, step=26).tokens == reference.append(ref, pieces, step=26).tokens
-    assert backend.generate(s, GREEDY, 26).token_ids == reference_tokens(reference, ref, 26)[0]
+    assert backend.append(s, pieces, step=41).tokens == reference.append(ref, pieces, step=41).tokens
+    assert backend.generate(s, GREEDY, 41).token_ids == reference_tokens(reference, ref, 41)[0]
     info = backend.info(s)
-    assert info["step"] == 26 and info["length"] == reference.session_info(ref).length and info["resident"]
+    assert info["step"] == 41 and info["length"] == reference.session_info(ref).length and info["resident"]
     for session in (s, child):
         backend.close(session)
     for session in (ref, ref_child):
