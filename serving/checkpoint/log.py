@@ -172,6 +172,23 @@ def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
     return {k: v for k, v in tensors.items() if k not in point}, point
 
 
+def _mergeable(first: Capture, then: Capture) -> bool:
+    """``then`` continues ``first`` with no rollback or snapshot between them."""
+    return first.snapshot is None and then.action != "rollback" and then.base_length == first.length and then.branch == first.branch
+
+
+def _merge(first: Capture, then: Capture) -> Capture:
+    """One record for both: their K/V rows and tokens, the step entries from ``first``'s
+    first on, and ``then``'s Mamba states, hidden row, sequence number and snapshot."""
+    a, b = first.tensors, then.tensors
+    rows = then.first_step - first.first_step  # entries of ``first`` that ``then`` does not repeat
+    merged = {k: torch.cat([a[k], b[k]], dim=2) for k in b if k.startswith("kv.")}
+    merged |= {k: v for k, v in b.items() if k.startswith("mamba.") or k == "hidden"}
+    merged["tokens"] = torch.cat([a["tokens"], b["tokens"]])
+    merged |= {k: torch.cat([a[k][:rows], b[k]]) for k in b if k.startswith("steps.")}
+    return dataclasses.replace(then, first_step=first.first_step, base_length=first.base_length, tensors=merged)
+
+
 @dataclass
 class _WriterState:
     """What the log on disk holds, as the writer (or a reader replaying it) goes: the last
@@ -207,7 +224,8 @@ class SessionLog:
     """The log of one session, owned by this engine at ``generation``.
 
     The request path (holding the session's lock) calls ``capture``, ``fork``, ``close``
-    and reads ``durable_step``; the writer thread calls ``write_pending``. The request
+    and reads ``durable_step``; the writer thread calls ``begin``, ``sync_file`` and
+    ``finish``, so that it can write many sessions before it syncs them. The request
     path's counters and the writer's ``_WriterState`` are each touched by one side only;
     the queue between them is guarded by ``_cond``.
     """
@@ -241,6 +259,8 @@ class SessionLog:
         self._file_name: str | None = None
         self._file_size = 0
         self._torn: tuple[str | None, int] | None = None  # a file a failed batch wrote into, and its size before
+        self._taken = 0  # queued jobs the writer is writing now (guarded by _cond)
+        self._batch: tuple = ()  # those jobs, and what to put back if they fail
 
     # ================================================================ request path
     def capture(
@@ -296,8 +316,16 @@ class SessionLog:
         self._submit(Close(), None)
 
     def _submit(self, job: Job, pending: tuple[int, int] | None) -> None:
+        """Queue a job. A record that continues the last queued one, which the writer has
+        not started, is merged into it: when the store is slower than the steps, each write
+        carries the K/V rows of several steps but only the newest Mamba states, and what
+        waits in memory stays one record's worth."""
         with self._cond:
-            self._jobs.append(job)
+            last = self._jobs[-1] if len(self._jobs) > self._taken else None
+            if isinstance(job, Capture) and isinstance(last, Capture) and _mergeable(last, job):
+                self._jobs[-1] = _merge(last, job)
+            else:
+                self._jobs.append(job)
             if pending is not None:
                 self._pending.append(pending)
         self.writer.wake(self)
@@ -347,40 +375,58 @@ class SessionLog:
         return not self.fenced
 
     # ================================================================ writer thread
-    def write_pending(self) -> None:
-        """Write and sync every queued job, then acknowledge them if we still own the
-        session. A failure undoes the batch; ``retry`` writes it again into a new file."""
+    def begin(self) -> bool:
+        """Take the queued jobs and write them, without syncing; False if there was nothing
+        to write or the write failed. A failure undoes the batch, and ``retry`` writes it
+        again into a clean file."""
         with self._cond:
             if self.error is not None or self.fenced or not self._jobs:
-                return
+                return False
             jobs = list(self._jobs)
-        saved, file_before = self.disk.copy(), (self._file_name, self._file_size)
-        stats, start = self.writer.stats, time.perf_counter()
+            self._taken = len(jobs)  # later captures no longer merge into these
+        self._batch = (jobs, self.disk.copy(), (self._file_name, self._file_size), time.perf_counter())
         try:
             for job in jobs:
                 self._run(job)
+        except Exception as exc:  # a full or read-only store, or a bug: either way, nothing is acknowledged
+            self.finish(exc)
+            return False
+        return True
+
+    def sync_file(self) -> Exception | None:
+        """Make the batch's appends durable (thread-safe: the writer syncs many sessions at once)."""
+        try:
             if self._file is not None:
                 self.store.sync(self._file)
-                stats.syncs += 1
-        except Exception as exc:  # a full or read-only store, or a bug: either way, nothing is acknowledged
-            log.error("checkpoint store: cannot write session %s…: %s", self.session[:8], exc, exc_info=not isinstance(exc, OSError))
+        except Exception as exc:
+            return exc
+        return None
+
+    def finish(self, error: Exception | None) -> None:
+        """Acknowledge the batch if it was written and we still own the session."""
+        jobs, saved, file_before, start = self._batch
+        stats = self.writer.stats
+        if error is not None:
+            log.error("checkpoint store: cannot write session %s…: %s", self.session[:8], error,
+                      exc_info=(type(error), error, error.__traceback__) if not isinstance(error, OSError) else None)
             stats.failures += 1
             self.disk = saved
             if self._file is not None:  # a retry appending to this file first cuts what this batch wrote
                 self._torn = (self._file_name, file_before[1] if file_before[0] == self._file_name else 0)
             self._close_file()
-            with self._cond:
-                self.error = exc
-                self._cond.notify_all()
-            return
-        stats.busy_s += time.perf_counter() - start
-        owned = isinstance(jobs[-1], Close) or self.owned()
+        else:
+            stats.syncs += self._file is not None
+            stats.busy_s += time.perf_counter() - start
+        owned = error is None and (isinstance(jobs[-1], Close) or self.owned())
         with self._cond:
+            self._taken = 0
+            self.error = error
             if owned:
-                for job in jobs:
+                for _ in jobs:
                     self._jobs.popleft()
-                    if isinstance(job, (Capture, Fork)):
-                        self._pending.popleft()
+                done = max((j.seq if isinstance(j, Capture) else j.capture.seq for j in jobs if isinstance(j, (Capture, Fork))), default=0)
+                while self._pending and self._pending[0][0] <= done:
+                    self._pending.popleft()
             self._cond.notify_all()
 
     def _run(self, job: Job) -> None:

@@ -205,6 +205,22 @@ def test_rollback_beyond_the_memory_ring_comes_from_the_log(model, tmp_path, uni
     assert state_bytes(engine_on(model, tmp_path), s) == state_bytes(live, s)  # the rolled-back branch is restored
 
 
+def test_a_store_slower_than_the_steps_gets_merged_records(model, tmp_path):
+    """While the writer is behind, queued records of a session merge into one: the K/V
+    rows of every step but only the newest Mamba states, so neither the disk traffic nor
+    the memory waiting for it grows with the backlog. Holding the writer stands for a
+    store slower than the steps."""
+    live = engine_on(model, tmp_path, checkpoint=CheckpointPolicy(snapshot_every=100))
+    s = live.create()
+    writer = live.sessions.writer
+    with writer.held():
+        seen = run_steps(live, s, range(1, 6))  # ten changes: five appends and five replies
+        assert len(live.sessions.get(s).log._jobs) == 1 and live.session_info(s).durable_step == 0
+    live.flush()
+    assert writer.stats.records == 1 and live.session_info(s).durable_step == 5
+    assert digest(engine_on(model, tmp_path), s) == seen[5]  # restored from that one record
+
+
 def test_the_retention_policy_keeps_the_newest_points(model, tmp_path):
     live = engine_on(model, tmp_path, rollback_window=1, checkpoint=CheckpointPolicy(snapshot_every=2, keep_points=2))
     s = live.create()
