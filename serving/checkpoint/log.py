@@ -62,6 +62,7 @@ class CheckpointPolicy(BaseModel):
     snapshot_every: int = Field(32, ge=1, le=1_000_000)  # records folded into a snapshot this often
     keep_points: int | None = Field(None, ge=1)  # rollback targets kept among snapshots (None: all); the newest always
     sync: bool = False  # every call waits until its record is durable, instead of streaming it
+    max_queued: int = Field(32, ge=1)  # a session's records waiting for the store before its calls wait too
 
 
 def owner_name(generation: int) -> str:
@@ -173,19 +174,22 @@ def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
 
 
 def _mergeable(first: Capture, then: Capture) -> bool:
-    """``then`` continues ``first`` with no rollback or snapshot between them."""
-    return first.snapshot is None and then.action != "rollback" and then.base_length == first.length and then.branch == first.branch
+    """``then`` continues ``first``'s step (a reply after its observation), with no
+    rollback or snapshot between them. Records of different steps never merge: each
+    step's end stays a rollback target."""
+    return (
+        first.snapshot is None and then.action != "rollback" and then.step == first.step
+        and then.base_length == first.length and then.branch == first.branch
+    )
 
 
 def _merge(first: Capture, then: Capture) -> Capture:
-    """One record for both: their K/V rows and tokens, the step entries from ``first``'s
-    first on, and ``then``'s Mamba states, hidden row, sequence number and snapshot."""
+    """One record for both: their K/V rows and tokens, and ``then``'s step entries, Mamba
+    states, hidden row, sequence number and snapshot."""
     a, b = first.tensors, then.tensors
-    rows = then.first_step - first.first_step  # entries of ``first`` that ``then`` does not repeat
     merged = {k: torch.cat([a[k], b[k]], dim=2) for k in b if k.startswith("kv.")}
-    merged |= {k: v for k, v in b.items() if k.startswith("mamba.") or k == "hidden"}
+    merged |= {k: v for k, v in b.items() if not k.startswith("kv.") and k != "tokens"}
     merged["tokens"] = torch.cat([a["tokens"], b["tokens"]])
-    merged |= {k: torch.cat([a[k][:rows], b[k]]) for k in b if k.startswith("steps.")}
     return dataclasses.replace(then, first_step=first.first_step, base_length=first.base_length, tensors=merged)
 
 
@@ -316,15 +320,16 @@ class SessionLog:
         self._submit(Close(), None)
 
     def _submit(self, job: Job, pending: tuple[int, int] | None) -> None:
-        """Queue a job. A record that continues the last queued one, which the writer has
-        not started, is merged into it: when the store is slower than the steps, each write
-        carries the K/V rows of several steps but only the newest Mamba states, and what
-        waits in memory stays one record's worth."""
+        """Queue a job. A reply's record that the writer has not started on yet merges into
+        its step's observation record: one write of the step's Mamba states instead of two.
+        Past ``max_queued`` waiting jobs the call waits for the writer (backpressure), so a
+        store slower than the steps slows them instead of filling memory."""
         with self._cond:
             last = self._jobs[-1] if len(self._jobs) > self._taken else None
             if isinstance(job, Capture) and isinstance(last, Capture) and _mergeable(last, job):
                 self._jobs[-1] = _merge(last, job)
             else:
+                self._cond.wait_for(lambda: len(self._jobs) < self.policy.max_queued or self.error is not None or self.fenced)
                 self._jobs.append(job)
             if pending is not None:
                 self._pending.append(pending)
