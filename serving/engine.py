@@ -183,7 +183,7 @@ class Engine:
         if writer is not None and not writer.alive:
             broken = "the checkpoint writer thread is not running"
         return EngineStats(
-            resident=len(resident), state_bytes=sum(s.state.resident_nbytes for s in resident),
+            resident=len(resident), state_bytes=sum(s.resident_nbytes for s in resident),
             generating=self.scheduler.generating, evictions=self.sessions.evictions,
             decode_steps=self.scheduler.steps, decoded_tokens=self.scheduler.decoded,
             checkpoint_lag_steps=sum(s.steps.last - s.durable_step for s in logged),

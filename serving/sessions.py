@@ -40,11 +40,16 @@ class Session:
     tokens: array = field(default_factory=lambda: array("i"))  # one id per history position; images are IMAGE_TOKEN_INDEX
     log: SessionLog | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    resident_nbytes: int = 0  # what its state took in memory when last released (the budget's unit)
 
     def record(self, action: Literal["append", "generate", "rollback"], first_step: int, base: int | None = None) -> None:
         """Log the change since the last record (or, for a rollback, from ``base``)."""
         if self.log is not None:
             self.log.capture(action, self.state, self.tokens, self.steps, first_step, base)
+
+    def measure(self) -> None:
+        """Note what the state takes now; the budget sums these rather than walking every state."""
+        self.resident_nbytes = self.state.resident_nbytes
 
     @property
     def durable_step(self) -> int | None:
@@ -119,6 +124,7 @@ class SessionTable:
             yield held
         finally:
             for s in held:
+                s.measure()
                 s.lock.release()
             self.enforce_budget()
 
@@ -178,15 +184,23 @@ class SessionTable:
     def close(self, session: str) -> None:
         """Forget the session here and in the store."""
         with self._lock:
-            s = self._resident.pop(session, None) if isinstance(session, str) else None
-        if s is not None and s.log is not None:
-            s.log.close()
-        elif s is None:
+            s = self._resident.get(session) if isinstance(session, str) else None
+        if s is None:
             if self.store is None or not self.store.has(check_session_id(session)):
                 raise UnknownSessionError(f"unknown session {str(session)[:64]!r}")
             self.store.delete_session(session)
+            return
+        if not s.lock.acquire(blocking=False):
+            raise _busy(session)
+        try:
+            self._drop(s)
+            if s.log is not None:
+                s.log.close()
+        finally:
+            s.lock.release()
 
     def _insert(self, s: Session) -> None:
+        s.measure()
         with self._lock:
             if self.store is None and len(self._resident) >= self.max_sessions:
                 raise RuntimeError(f"the engine holds its maximum of {self.max_sessions} sessions; close some first")
@@ -217,6 +231,7 @@ class SessionTable:
                 session[:8], r.steps.last, r.state.length, r.items, r.seconds,
             )
             self.restores.append(r.seconds)
+            s.measure()
             if locked:
                 s.lock.acquire()
             with self._lock:
@@ -230,7 +245,7 @@ class SessionTable:
                 del self._resident[s.id]
 
     def resident_bytes(self) -> int:
-        return sum(s.state.resident_nbytes for s in self.resident())
+        return sum(s.resident_nbytes for s in self.resident())
 
     def _over_budget(self) -> bool:
         if len(self._resident) > self.max_sessions:

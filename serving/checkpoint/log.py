@@ -62,6 +62,7 @@ class CheckpointPolicy(BaseModel):
     snapshot_every: int = Field(32, ge=1, le=1_000_000)  # records folded into a snapshot this often
     keep_points: int | None = Field(None, ge=1)  # rollback targets kept among snapshots (None: all); the newest always
     sync: bool = False  # every call waits until its record is durable, instead of streaming it
+    max_queued: int = Field(32, ge=1)  # a session's records waiting for the store before its calls wait too
 
 
 def owner_name(generation: int) -> str:
@@ -172,6 +173,26 @@ def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
     return {k: v for k, v in tensors.items() if k not in point}, point
 
 
+def _mergeable(first: Capture, then: Capture) -> bool:
+    """``then`` continues ``first``'s step (a reply after its observation), with no
+    rollback or snapshot between them. Records of different steps never merge: each
+    step's end stays a rollback target."""
+    return (
+        first.snapshot is None and then.action != "rollback" and then.step == first.step
+        and then.base_length == first.length and then.branch == first.branch
+    )
+
+
+def _merge(first: Capture, then: Capture) -> Capture:
+    """One record for both: their K/V rows and tokens, and ``then``'s step entries, Mamba
+    states, hidden row, sequence number and snapshot."""
+    a, b = first.tensors, then.tensors
+    merged = {k: torch.cat([a[k], b[k]], dim=2) for k in b if k.startswith("kv.")}
+    merged |= {k: v for k, v in b.items() if not k.startswith("kv.") and k != "tokens"}
+    merged["tokens"] = torch.cat([a["tokens"], b["tokens"]])
+    return dataclasses.replace(then, first_step=first.first_step, base_length=first.base_length, tensors=merged)
+
+
 @dataclass
 class _WriterState:
     """What the log on disk holds, as the writer (or a reader replaying it) goes: the last
@@ -207,7 +228,8 @@ class SessionLog:
     """The log of one session, owned by this engine at ``generation``.
 
     The request path (holding the session's lock) calls ``capture``, ``fork``, ``close``
-    and reads ``durable_step``; the writer thread calls ``write_pending``. The request
+    and reads ``durable_step``; the writer thread calls ``begin``, ``sync_file`` and
+    ``finish``, so that it can write many sessions before it syncs them. The request
     path's counters and the writer's ``_WriterState`` are each touched by one side only;
     the queue between them is guarded by ``_cond``.
     """
@@ -241,6 +263,8 @@ class SessionLog:
         self._file_name: str | None = None
         self._file_size = 0
         self._torn: tuple[str | None, int] | None = None  # a file a failed batch wrote into, and its size before
+        self._taken = 0  # queued jobs the writer is writing now (guarded by _cond)
+        self._batch: tuple = ()  # those jobs, and what to put back if they fail
 
     # ================================================================ request path
     def capture(
@@ -296,8 +320,17 @@ class SessionLog:
         self._submit(Close(), None)
 
     def _submit(self, job: Job, pending: tuple[int, int] | None) -> None:
+        """Queue a job. A reply's record that the writer has not started on yet merges into
+        its step's observation record: one write of the step's Mamba states instead of two.
+        Past ``max_queued`` waiting jobs the call waits for the writer (backpressure), so a
+        store slower than the steps slows them instead of filling memory."""
         with self._cond:
-            self._jobs.append(job)
+            last = self._jobs[-1] if len(self._jobs) > self._taken else None
+            if isinstance(job, Capture) and isinstance(last, Capture) and _mergeable(last, job):
+                self._jobs[-1] = _merge(last, job)
+            else:
+                self._cond.wait_for(lambda: len(self._jobs) < self.policy.max_queued or self.error is not None or self.fenced)
+                self._jobs.append(job)
             if pending is not None:
                 self._pending.append(pending)
         self.writer.wake(self)
@@ -347,40 +380,58 @@ class SessionLog:
         return not self.fenced
 
     # ================================================================ writer thread
-    def write_pending(self) -> None:
-        """Write and sync every queued job, then acknowledge them if we still own the
-        session. A failure undoes the batch; ``retry`` writes it again into a new file."""
+    def begin(self) -> bool:
+        """Take the queued jobs and write them, without syncing; False if there was nothing
+        to write or the write failed. A failure undoes the batch, and ``retry`` writes it
+        again into a clean file."""
         with self._cond:
             if self.error is not None or self.fenced or not self._jobs:
-                return
+                return False
             jobs = list(self._jobs)
-        saved, file_before = self.disk.copy(), (self._file_name, self._file_size)
-        stats, start = self.writer.stats, time.perf_counter()
+            self._taken = len(jobs)  # later captures no longer merge into these
+        self._batch = (jobs, self.disk.copy(), (self._file_name, self._file_size), time.perf_counter())
         try:
             for job in jobs:
                 self._run(job)
+        except Exception as exc:  # a full or read-only store, or a bug: either way, nothing is acknowledged
+            self.finish(exc)
+            return False
+        return True
+
+    def sync_file(self) -> Exception | None:
+        """Make the batch's appends durable (thread-safe: the writer syncs many sessions at once)."""
+        try:
             if self._file is not None:
                 self.store.sync(self._file)
-                stats.syncs += 1
-        except Exception as exc:  # a full or read-only store, or a bug: either way, nothing is acknowledged
-            log.error("checkpoint store: cannot write session %s…: %s", self.session[:8], exc, exc_info=not isinstance(exc, OSError))
+        except Exception as exc:
+            return exc
+        return None
+
+    def finish(self, error: Exception | None) -> None:
+        """Acknowledge the batch if it was written and we still own the session."""
+        jobs, saved, file_before, start = self._batch
+        stats = self.writer.stats
+        if error is not None:
+            log.error("checkpoint store: cannot write session %s…: %s", self.session[:8], error,
+                      exc_info=(type(error), error, error.__traceback__) if not isinstance(error, OSError) else None)
             stats.failures += 1
             self.disk = saved
             if self._file is not None:  # a retry appending to this file first cuts what this batch wrote
                 self._torn = (self._file_name, file_before[1] if file_before[0] == self._file_name else 0)
             self._close_file()
-            with self._cond:
-                self.error = exc
-                self._cond.notify_all()
-            return
-        stats.busy_s += time.perf_counter() - start
-        owned = isinstance(jobs[-1], Close) or self.owned()
+        else:
+            stats.syncs += self._file is not None
+            stats.busy_s += time.perf_counter() - start
+        owned = error is None and (isinstance(jobs[-1], Close) or self.owned())
         with self._cond:
+            self._taken = 0
+            self.error = error
             if owned:
-                for job in jobs:
+                for _ in jobs:
                     self._jobs.popleft()
-                    if isinstance(job, (Capture, Fork)):
-                        self._pending.popleft()
+                done = max((j.seq if isinstance(j, Capture) else j.capture.seq for j in jobs if isinstance(j, (Capture, Fork))), default=0)
+                while self._pending and self._pending[0][0] <= done:
+                    self._pending.popleft()
             self._cond.notify_all()
 
     def _run(self, job: Job) -> None:

@@ -8,9 +8,9 @@
 3. **Pick the head**: the newest item of this session (by owner generation, then sequence
    number) whose chain back to the start is whole. Items a stale owner wrote after a newer
    owner had started are never heads. Walking back, every item must name its predecessor's
-   digest, carry a lower sequence number (one lower for records), keep the branch unless
-   it is a rollback, and belong to this session, or, past a fork's first segment, to the
-   parent it names.
+   digest, carry a lower sequence number (a record that merged several changes skips the
+   numbers it merged), keep the branch unless it is a rollback, and belong to this session,
+   or, past a fork's first segment, to the parent it names.
 4. **Replay** the chain from the start: segments append their K/V rows, records apply
    their deltas (a rollback rewinds first); a segment at the head takes its point's Mamba
    states. Any damage makes the candidate fail and the next older one is tried, so a
@@ -159,7 +159,7 @@ def _chain(head: _Located, found: dict[bytes, _Located], session: str, model: st
 
 def _check_link(meta, prev, same_session: bool) -> None:
     is_record = isinstance(meta, RecordMeta)
-    if not prev.seq < meta.seq or (is_record and prev.seq != meta.seq - 1):
+    if not prev.seq < meta.seq:
         raise ValueError(f"seq {meta.seq} does not follow seq {prev.seq}")
     if same_session and prev.generation > meta.generation:
         raise ValueError(f"seq {meta.seq} of owner {meta.generation} follows a later owner's item")

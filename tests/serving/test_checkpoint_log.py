@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -122,7 +123,7 @@ def test_step_numbers_are_exact_across_a_restore(model, tmp_path):
 
 
 def test_torn_tail_is_dropped_and_restores_the_last_whole_step(model, tmp_path):
-    live = engine_on(model, tmp_path, checkpoint=CheckpointPolicy(snapshot_every=100))
+    live = engine_on(model, tmp_path, checkpoint=CheckpointPolicy(snapshot_every=100, sync=True))  # a record per change
     s = live.create()
     seen = run_steps(live, s, range(1, 5))
     live.flush()
@@ -137,7 +138,7 @@ def test_torn_tail_is_dropped_and_restores_the_last_whole_step(model, tmp_path):
 
 
 def test_damaged_records_restore_to_the_last_intact_state(model, tmp_path):
-    live = engine_on(model, tmp_path, checkpoint=CheckpointPolicy(snapshot_every=100))
+    live = engine_on(model, tmp_path, checkpoint=CheckpointPolicy(snapshot_every=100, sync=True))  # a record per change
     s, bystander = live.create(), live.create()
     seen = run_steps(live, s, range(1, 5))
     run_steps(live, bystander, range(1, 3))
@@ -203,6 +204,30 @@ def test_rollback_beyond_the_memory_ring_comes_from_the_log(model, tmp_path, uni
         live.rollback(s, 2)
     live.flush()
     assert state_bytes(engine_on(model, tmp_path), s) == state_bytes(live, s)  # the rolled-back branch is restored
+
+
+def test_a_store_slower_than_the_steps_merges_each_step_and_pushes_back(model, tmp_path):
+    """While the writer is behind, a reply's record merges into its step's observation
+    record (one write of the Mamba states per step, not two; steps never merge, so each
+    stays a rollback target), and past ``max_queued`` waiting records a call waits for the
+    writer instead of filling memory. Holding the writer stands for a slow store."""
+    live = engine_on(model, tmp_path, rollback_window=1, checkpoint=CheckpointPolicy(snapshot_every=100, max_queued=3))
+    s = live.create()
+    writer, seen = live.sessions.writer, {}
+    with writer.held():
+        seen.update(run_steps(live, s, range(1, 4)))  # six changes, three records
+        log = live.sessions.get(s).log
+        assert len(log._jobs) == 3 and live.session_info(s).durable_step == 0
+        blocked = threading.Thread(target=lambda: seen.update(run_steps(live, s, range(4, 5))))
+        blocked.start()
+        blocked.join(timeout=2)
+        assert blocked.is_alive()  # step 4 waits for the store
+    blocked.join()
+    live.flush()
+    assert writer.stats.records in (4, 5)  # steps 1 to 3 merged; step 4's reply may follow its written observation
+    assert live.session_info(s).durable_step == 4
+    for step in (4, 2):  # every step's end is still in the log
+        assert live.rollback(s, step).step == step and digest(live, s) == seen[step]
 
 
 def test_the_retention_policy_keeps_the_newest_points(model, tmp_path):
