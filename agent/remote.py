@@ -43,32 +43,12 @@ from model.prompt import (
     highres_markup,
     tile_image,
 )
-from serving.errors import (
-    AccessDeniedError,
-    AuthenticationError,
-    LimitExceededError,
-    MalformedRequestError,
-    ReplicaUnavailableError,
-    SessionBusyError,
-    StepConflictError,
-    StepGapError,
-    TooManySessionsError,
-    UnknownSessionError,
-)
+from serving.errors import HTTP_ERRORS, ReplicaUnavailableError, StepGapError, UnknownSessionError
 from serving.types import AppendRequest, ErrorReply, Generation, GenerateRequest, ImagePart, SamplingParams, StepResult, TextPart
 
 RETRY_PAUSES_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0)  # about 40 s in all
 MAX_REPLAYS = 3
-ERRORS = {  # the server's error types as the exceptions a local engine raises
-    "unknown_session": UnknownSessionError,
-    "step_conflict": StepConflictError,
-    "session_busy": SessionBusyError,
-    "limit_exceeded": LimitExceededError,
-    "too_many_sessions": TooManySessionsError,
-    "malformed_request": MalformedRequestError,
-    "unauthenticated": AuthenticationError,
-    "forbidden": AccessDeniedError,
-}
+ERRORS = {kind: error for error, (_, kind) in HTTP_ERRORS.items()}  # the server's type words as the errors a local engine raises
 
 
 @dataclass

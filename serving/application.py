@@ -102,11 +102,6 @@ def app(args: AppArgs) -> Application:
     )
 
 
-def default_app() -> Application:
-    """The app with no arguments, built: what ``serve build`` needs (it takes no builder)."""
-    return app(AppArgs())
-
-
 def _keep_ray_on_loopback() -> None:
     """``serve run`` builds the app before it starts Ray: make that Ray listen on 127.0.0.1.
 

@@ -2,7 +2,8 @@
 
 Each error says what went wrong and, where there is one, what to do instead. They
 subclass the builtin a caller would expect (``KeyError`` for an unknown session,
-``ValueError`` for a bad request), so an HTTP layer maps them to status codes by class.
+``ValueError`` for a bad request). ``HTTP_ERRORS`` gives each its HTTP status and the
+stable type word the app answers with, which a remote client maps back to the class.
 """
 
 from __future__ import annotations
@@ -80,3 +81,25 @@ class StoreUnavailableError(RuntimeError):
 
 class SessionFencedError(RuntimeError):
     """Another engine took this session over; this one stopped serving it."""
+
+
+# The HTTP status and type word of each error a request can meet. Look a class up by its
+# MRO, so that a subclass finds its own entry before its base's.
+HTTP_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    MalformedRequestError: (400, "malformed_request"),
+    AuthenticationError: (401, "unauthenticated"),
+    AccessDeniedError: (403, "forbidden"),
+    UnknownSessionError: (404, "unknown_session"),
+    UnknownModelError: (404, "model_not_found"),
+    StepGapError: (409, "step_gap"),
+    StepConflictError: (409, "step_conflict"),
+    SessionBusyError: (409, "session_busy"),
+    LimitExceededError: (413, "limit_exceeded"),
+    UnsupportedMediaError: (415, "unsupported_media_type"),
+    ValueError: (422, "invalid_request"),
+    TooManySessionsError: (429, "too_many_sessions"),
+    SessionLogError: (500, "session_log_unreadable"),
+    StoreUnavailableError: (503, "store_unavailable"),
+    SessionFencedError: (503, "session_moved"),
+    ReplicaUnavailableError: (503, "replica_unavailable"),
+}

@@ -41,26 +41,9 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-
 from . import chat
 from .access import Access
-from .errors import (
-    AccessDeniedError,
-    AuthenticationError,
-    LimitExceededError,
-    MalformedRequestError,
-    ReplicaUnavailableError,
-    SessionBusyError,
-    SessionFencedError,
-    SessionLogError,
-    StepConflictError,
-    StepGapError,
-    StoreUnavailableError,
-    TooManySessionsError,
-    UnknownModelError,
-    UnknownSessionError,
-    UnsupportedMediaError,
-)
+from .errors import HTTP_ERRORS, LimitExceededError, ReplicaUnavailableError, UnknownModelError
 from .limits import Limits
 from .types import (
     AppendRequest,
@@ -78,28 +61,6 @@ from .types import (
 from .uploads import read_append, to_pieces
 
 RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
-WRITE_METHODS = {"POST", "PUT", "PATCH"}
-
-# The status and stable type word of each error a request can meet; subclasses are
-# looked up before their bases (by the exception's MRO).
-ERRORS: dict[type[BaseException], tuple[int, str]] = {
-    MalformedRequestError: (400, "malformed_request"),
-    AuthenticationError: (401, "unauthenticated"),
-    AccessDeniedError: (403, "forbidden"),
-    UnknownSessionError: (404, "unknown_session"),
-    UnknownModelError: (404, "model_not_found"),
-    StepGapError: (409, "step_gap"),
-    StepConflictError: (409, "step_conflict"),
-    SessionBusyError: (409, "session_busy"),
-    LimitExceededError: (413, "limit_exceeded"),
-    UnsupportedMediaError: (415, "unsupported_media_type"),
-    ValueError: (422, "invalid_request"),
-    TooManySessionsError: (429, "too_many_sessions"),
-    SessionLogError: (500, "session_log_unreadable"),
-    StoreUnavailableError: (503, "store_unavailable"),
-    SessionFencedError: (503, "session_moved"),
-    ReplicaUnavailableError: (503, "replica_unavailable"),
-}
 
 api = FastAPI(
     title="LongLLaVA agent runtime",
@@ -113,7 +74,7 @@ api = FastAPI(
 # ---------------------------------------------------------------------------- errors
 def error_reply(exc: BaseException) -> JSONResponse:
     cause = getattr(exc, "cause", None) or exc  # a replica's error arrives wrapped in a RayTaskError
-    status, kind = next((ERRORS[c] for c in type(cause).__mro__ if c in ERRORS), (500, "internal_error"))
+    status, kind = next((HTTP_ERRORS[c] for c in type(cause).__mro__ if c in HTTP_ERRORS), (500, "internal_error"))
     message = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
     detail = ErrorDetail(message=message, type=kind, code=kind, next_step=getattr(cause, "next_step", None))
     return JSONResponse(ErrorReply(error=detail).model_dump(), status_code=status)
@@ -128,7 +89,7 @@ async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResp
     return error_reply(ValueError(f"the request is invalid: {problems}"))
 
 
-for _error in ERRORS:
+for _error in HTTP_ERRORS:
     api.add_exception_handler(_error, _on_error)
 api.add_exception_handler(RayActorError, _on_error)
 api.add_exception_handler(RequestValidationError, _on_invalid)
@@ -216,10 +177,9 @@ async def generate(session: str, body: GenerateRequest, request: Request, token:
         raise LimitExceededError(
             f"max_new_tokens={sampling.max_new_tokens} is over the limit of {server.limits.max_new_tokens} (max_new_tokens)"
         )
-    events = server.generation(request, session, seeded(sampling), body.step)
     if not body.stream:
-        return JSONResponse((await collect(events)).model_dump())
-    return streaming(session_events(await started(events)))
+        return JSONResponse((await server.generated(request, session, seeded(sampling), body.step)).model_dump())
+    return streaming(session_events(await started(server.generation(request, session, seeded(sampling), body.step))))
 
 
 @api.post("/v1/sessions/{session}/fork", status_code=201, response_model=SessionCreated, tags=["sessions"])
@@ -284,11 +244,12 @@ async def chat_completions(
     closing = server.close_quietly(request, session) if ephemeral else None
     try:
         appended = await server.call(request, session, "append", session, pieces, step, None)
-        events = server.generation(request, session, sampling, step)
         if body.stream:
-            chunks, closing = chat_stream(await started(events), body, server.model_name, appended.tokens, closing), None
+            events = await started(server.generation(request, session, sampling, step))
+            chunks, closing = chat_stream(events, body, server.model_name, appended.tokens, closing), None
             return streaming(chunks)
-        return JSONResponse((await chat_completion(events, server.model_name, appended.tokens)).model_dump())
+        generation = await server.generated(request, session, sampling, step)
+        return JSONResponse(chat_completion(generation, server.model_name, appended.tokens).model_dump())
     finally:
         if closing is not None:
             await closing
@@ -315,6 +276,12 @@ class Ingress:
                 return await getattr(self.model.options(session_id=session), method).remote(*args)
             except RayActorError:
                 await self._failover(request, attempt, deadline, retry, method)
+
+    async def generated(self, request: Request, session: str, sampling: SamplingParams, step: int | None) -> Generation:
+        """The whole generation in one reply (no stream between the deployments: one
+        message rather than one per token)."""
+        events = await self.call(request, session, "generate_all", session, sampling, step, retry=step is not None)
+        return as_generation(events)
 
     async def generation(self, request: Request, session: str, sampling: SamplingParams, step: int | None) -> AsyncIterator[list[TokenEvent]]:
         """The generation's events in lists; after a failover, the re-sent generation
@@ -394,23 +361,15 @@ async def session_events(events: AsyncIterator[list[TokenEvent]]) -> AsyncIterat
         return
 
 
-async def collect(events: AsyncIterator[list[TokenEvent]]) -> Generation:
-    text, ids = [], []
-    async for batch in events:
-        for e in batch:
-            text.append(e.text)
-            if e.token_id is not None:
-                ids.append(e.token_id)
-            if e.finish_reason is not None:
-                return Generation(
-                    text="".join(text), finish_reason=e.finish_reason, tokens=e.tokens or 0, length=e.length or 0,
-                    durable_step=e.durable_step, replayed=e.replayed, token_ids=ids,
-                )
-    raise ReplicaUnavailableError("the generation ended without its final event")
+def as_generation(events: list[TokenEvent]) -> Generation:
+    last = events[-1]
+    return Generation(
+        text="".join(e.text for e in events), finish_reason=last.finish_reason, tokens=last.tokens or 0, length=last.length or 0,
+        durable_step=last.durable_step, replayed=last.replayed, token_ids=[e.token_id for e in events if e.token_id is not None],
+    )
 
 
-async def chat_completion(events: AsyncIterator[list[TokenEvent]], model: str, prompt_tokens: int) -> chat.ChatCompletion:
-    g = await collect(events)
+def chat_completion(g: Generation, model: str, prompt_tokens: int) -> chat.ChatCompletion:
     usage = chat.Usage(prompt_tokens=prompt_tokens, completion_tokens=g.tokens, total_tokens=prompt_tokens + g.tokens)
     choice = chat.Choice(message=chat.ReplyMessage(content=g.text), finish_reason=chat.openai_finish(g.finish_reason))
     return chat.ChatCompletion(id=chat.completion_id(), created=chat.now(), model=model, choices=[choice], usage=usage)

@@ -9,7 +9,8 @@ The Engine is synchronous and thread-safe; each request runs it on a thread of t
 replica's own pool (as many threads as the replica takes requests at once), and its model
 thread decodes every generating session together whatever request started it. A
 generation streams back as lists of events: whatever is ready each time the caller reads,
-so a slow reader gets fewer, larger messages rather than falling behind.
+so a slow reader gets fewer, larger messages rather than falling behind; for a caller that
+does not stream, it comes back whole, as one message (``generate_all``).
 """
 
 from __future__ import annotations
@@ -114,11 +115,20 @@ class ModelReplica:
         the final event)."""
         start = time.perf_counter()
         async for events in self._stream(lambda: self.engine.generate(session, sampling, step)):
-            last = events[-1]
-            if last.finish_reason is not None:
-                self.open.add(session)
-                self.metrics.step("generate", time.perf_counter() - start, last.tokens or 0, _lag(step, last.durable_step))
+            if events[-1].finish_reason is not None:
+                self._generated(session, step, events[-1], start)
             yield events
+
+    async def generate_all(self, session: str, sampling: SamplingParams, step: int | None = None) -> list[TokenEvent]:
+        """The whole generation's events at once, for a caller that does not stream."""
+        start = time.perf_counter()
+        events = await self._run(lambda: list(self.engine.generate(session, sampling, step)))
+        self._generated(session, step, events[-1], start)
+        return events
+
+    def _generated(self, session: str, step: int | None, last: TokenEvent, start: float) -> None:
+        self.open.add(session)
+        self.metrics.step("generate", time.perf_counter() - start, last.tokens or 0, _lag(step, last.durable_step))
 
     # ------------------------------------------------------------------ health and metrics
     def check_health(self) -> None:

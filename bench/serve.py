@@ -1,0 +1,292 @@
+"""Serving over Ray Serve: what HTTP and Serve add to a step, how decode scales with
+concurrent sessions, how long a failover takes, and how far the checkpoint log lags.
+
+It starts Ray and Serve on 127.0.0.1 and deploys ``serving.app`` twice on the embedded
+default model: ``one`` (one replica) and ``two`` (two replicas sharing a checkpoint
+store). Every request goes over real HTTP through ``agent.RemoteBackend`` (msgpack, images
+as PNG). Next to the app, an in-process ``Engine`` with the same weights and the same
+checkpoint settings runs the same steps, and the served replies are checked against it.
+
+- **Step latency.** One session on ``two`` and one in-process grow one step at a time: a
+  screenshot pooled to 144 tokens plus a line of text, then an 8-token greedy reply (the
+  steps of ``bench/checkpoint.py``). At 10, 100 and 500 steps the next ``rounds`` steps are
+  timed in interleaved order, alternating which goes first.
+- **Failover.** Right after each of those, the next observation is appended, the replica
+  holding the session is killed (``ray.kill``), and its 1-token reply is asked for: the
+  time from the kill to that token, which the other replica serves after restoring the
+  session from the store. Then Serve's replacement replica is waited for.
+- **Decode rate.** 1, 8 and 32 sessions on ``one`` generate 64 tokens each at once; the
+  aggregate rate is every token over the wall-clock time. The same in-process, with a
+  thread per session (the engine batches them the same way).
+- **Load.** 32 sessions step at once, ``load_steps`` steps each (a line of text, then an
+  8-token reply), on ``one`` and on ``two``: step latency percentiles, errors, and the
+  checkpoint lag (step minus durable step) of every reply.
+
+    python -m bench.serve --out docs/bench/serve.json
+    python -m bench.serve --steps 10 50 --rounds 3 --load-steps 5   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from agent import RemoteBackend
+from bench.checkpoint import REPLY, observation
+from model.prompt import Text, user_message
+from serving.engine import Engine
+from serving.types import SamplingParams
+
+ROLLBACK_WINDOW = 16  # as the app's default
+FIRST_TOKEN = SamplingParams(max_new_tokens=1, ignore_eos=True)
+DECODE = SamplingParams(max_new_tokens=64, ignore_eos=True)
+
+
+# ---------------------------------------------------------------------------- the app
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_apps(root: Path) -> dict[str, str]:
+    """Ray, Serve and the two apps on 127.0.0.1; each app's URL."""
+    from serving.application import AppArgs, app
+
+    built = {  # built before Ray starts: the builder keeps Ray on loopback
+        name: app(AppArgs(checkpoint_dir=str(root / name), replicas=replicas, cpus_per_replica=1))
+        for name, replicas in (("one", 1), ("two", 2))
+    }
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20, namespace="serve", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for name, application in built.items():
+        serve.run(application, name=name, route_prefix=f"/{name}")
+    return {name: f"http://127.0.0.1:{port}/{name}" for name in built}
+
+
+def replica_actor(app: str, replica: str):
+    import ray
+
+    return ray.get_actor(f"SERVE_REPLICA::{app}#ModelReplica#{replica}", namespace="serve")
+
+
+def wait_for_replicas(app: str, replicas: int, timeout_s: float = 300.0) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while serve.status().applications[app].deployments["ModelReplica"].replica_states != {"RUNNING": replicas}:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve did not bring {app} back to {replicas} replicas")
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------- one episode, served and in-process
+class Pair:
+    """One session on the app and one in-process, taking the same steps; the served
+    replies must equal the in-process ones."""
+
+    def __init__(self, url: str, engine: Engine):
+        self.backend, self.engine = RemoteBackend(url), engine
+        self.served, self.local = self.backend.create(), engine.create()
+        self.steps = 0
+        self.replies: dict[str, list[int]] = {}
+
+    def step_served(self, n: int, sampling: SamplingParams = REPLY) -> float:
+        t = time.perf_counter()
+        self.backend.append(self.served, observation(n), step=n)
+        self.replies["served"] = self.backend.generate(self.served, sampling, n).token_ids
+        return time.perf_counter() - t
+
+    def step_local(self, n: int, sampling: SamplingParams = REPLY) -> float:
+        t = time.perf_counter()
+        self.engine.append(self.local, observation(n), step=n)
+        self.replies["local"] = [e.token_id for e in self.engine.generate(self.local, sampling, n) if e.token_id is not None]
+        return time.perf_counter() - t
+
+    def step(self, timed: dict[str, list[float]] | None = None) -> None:
+        n = self.steps = self.steps + 1
+        order = (self.step_served, self.step_local) if n % 2 else (self.step_local, self.step_served)
+        for run in order:
+            seconds = run(n)
+            if timed is not None:
+                timed["served" if run == self.step_served else "local"].append(seconds)
+        assert self.replies["served"] == self.replies["local"], f"step {n}: the served reply differs from the engine's"
+
+    def failover(self, app: str) -> dict:
+        """Append the next step, kill the replica holding the session, and time its 1-token reply."""
+        n = self.steps = self.steps + 1
+        history = self.engine.session_info(self.local).length
+        self.step_local(n, FIRST_TOKEN)
+        replica = self.backend.info(self.served)["replica"]
+        self.backend.append(self.served, observation(n), step=n)
+        import ray
+
+        ray.kill(replica_actor(app, replica), no_restart=True)
+        t = time.perf_counter()
+        self.replies["served"] = self.backend.generate(self.served, FIRST_TOKEN, n).token_ids
+        seconds = time.perf_counter() - t
+        assert self.replies["served"] == self.replies["local"], f"step {n}: the reply after the failover differs"
+        assert self.backend.info(self.served)["replica"] != replica
+        return {"steps": n - 1, "history_tokens": history, "kill_to_first_token_s": seconds}
+
+
+def latency_and_failover(url: str, engine: Engine, milestones: list[int], rounds: int) -> tuple[list[dict], list[dict]]:
+    pair = Pair(url, engine)
+    latency, failover = [], []
+    for m in milestones:
+        while pair.steps < m:
+            pair.step()
+        timed = {"served": [], "local": []}
+        history = engine.session_info(pair.local).length
+        for _ in range(rounds):
+            pair.step(timed)
+        served, local = statistics.median(timed["served"]), statistics.median(timed["local"])
+        latency.append({"steps": m, "history_tokens": history, "served_ms": served * 1000, "local_ms": local * 1000,
+                        "overhead": served / local - 1, "served_all_ms": [s * 1000 for s in timed["served"]],
+                        "local_all_ms": [s * 1000 for s in timed["local"]]})
+        print(f"history {m} steps: served {served * 1000:.0f} ms, in-process {local * 1000:.0f} ms ({served / local - 1:+.0%})", flush=True)
+        failover.append(pair.failover("two"))
+        print(f"  failover at {m} steps: {failover[-1]['kill_to_first_token_s']:.2f} s from the kill to the first token", flush=True)
+        wait_for_replicas("two", 2)
+    return latency, failover
+
+
+# ---------------------------------------------------------------------------- decode rate
+def at_once(count: int, work: Callable[[int], object]) -> float:
+    """Wall-clock seconds for ``count`` threads, released together, to each do ``work(i)``."""
+    start = threading.Barrier(count + 1)
+
+    def run(i: int):
+        start.wait()
+        return work(i)
+
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(run, i) for i in range(count)]
+        start.wait()
+        t = time.perf_counter()
+        for f in futures:
+            f.result()
+        return time.perf_counter() - t
+
+
+def decode_rate(url: str, engine: Engine, counts: list[int]) -> list[dict]:
+    rows = []
+    for count in counts:
+        backends = [RemoteBackend(url) for _ in range(count)]
+        served = [b.create() for b in backends]
+        local = [engine.create() for _ in range(count)]
+        for i in range(count):
+            backends[i].append(served[i], user_message([Text(f"session {i}: say something")]), step=1)
+            engine.append(local[i], user_message([Text(f"session {i}: say something")]), step=1)
+        tokens = count * DECODE.max_new_tokens
+        served_s = at_once(count, lambda i: backends[i].generate(served[i], DECODE, 1))
+        local_s = at_once(count, lambda i: list(engine.generate(local[i], DECODE, 1)))
+        rows.append({"sessions": count, "served_tokens_s": tokens / served_s, "local_tokens_s": tokens / local_s})
+        print(f"{count} sessions: served {tokens / served_s:.0f} tokens/s, in-process {tokens / local_s:.0f} tokens/s", flush=True)
+        for b, s in zip(backends, served):
+            b.close(s)
+        for s in local:
+            engine.close(s)
+    one = rows[0]
+    for r in rows:
+        r["served_speedup"], r["local_speedup"] = r["served_tokens_s"] / one["served_tokens_s"], r["local_tokens_s"] / one["local_tokens_s"]
+    return rows
+
+
+# ---------------------------------------------------------------------------- load
+def load(url: str, sessions: int, steps: int) -> dict:
+    """``sessions`` episodes at once, ``steps`` steps each: step latencies, errors, and the
+    checkpoint lag at each reply."""
+    errors, seconds, lag = [], [], []
+
+    def episode(i: int) -> None:
+        backend = RemoteBackend(url)
+        try:
+            session = backend.create()
+            for k in range(1, steps + 1):
+                t = time.perf_counter()
+                backend.append(session, user_message([Text(f"session {i}, step {k}: what now?")]), step=k)
+                reply = backend.generate(session, REPLY, k)
+                seconds.append(time.perf_counter() - t)
+                lag.append(k - reply.durable_step)
+            backend.close(session)
+        except Exception as exc:  # counted, not raised: the load goes on for the others
+            errors.append(repr(exc))
+
+    wall = at_once(sessions, episode)
+    seconds.sort()
+    return {
+        "sessions": sessions, "steps": steps, "errors": len(errors), "error_examples": errors[:3], "wall_s": wall,
+        "steps_s": len(seconds) / wall, "p50_ms": percentile(seconds, 0.5) * 1000, "p99_ms": percentile(seconds, 0.99) * 1000,
+        "lag_median": statistics.median(lag), "lag_p99": percentile(sorted(lag), 0.99), "lag_max": max(lag),
+    }
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---------------------------------------------------------------------------- report
+def tables(r: dict) -> str:
+    out = ["| history (steps / tokens) | HTTP + Serve (ms) | in-process (ms) | overhead |", "|---|---|---|---|"]
+    out += [f"| {x['steps']} / {x['history_tokens']} | {x['served_ms']:.0f} | {x['local_ms']:.0f} | {x['overhead']:+.0%} |" for x in r["latency"]]
+    out += ["", "| history (steps / tokens) | kill to first token (s) |", "|---|---|"]
+    out += [f"| {x['steps']} / {x['history_tokens']} | {x['kill_to_first_token_s']:.2f} |" for x in r["failover"]]
+    out += ["", "| sessions | HTTP + Serve (tokens/s) | x one session | in-process (tokens/s) | x one session |", "|---|---|---|---|---|"]
+    out += [f"| {x['sessions']} | {x['served_tokens_s']:.0f} | {x['served_speedup']:.1f}x | {x['local_tokens_s']:.0f} | {x['local_speedup']:.1f}x |"
+            for x in r["decode"]]
+    out += ["", "| replicas | sessions x steps | errors | steps/s | p50 (ms) | p99 (ms) | lag median / p99 / max (steps) |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {x['replicas']} | {x['sessions']} x {x['steps']} | {x['errors']} | {x['steps_s']:.1f} | {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | "
+            f"{x['lag_median']:g} / {x['lag_p99']:g} / {x['lag_max']:g} |" for x in r["load"]]
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", nargs="+", type=int, default=[10, 100, 500], help="history lengths for latency and failover")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved timed steps per history length")
+    p.add_argument("--sessions", nargs="+", type=int, default=[1, 8, 32], help="concurrent sessions for the decode rate")
+    p.add_argument("--load-sessions", type=int, default=32)
+    p.add_argument("--load-steps", type=int, default=30)
+    p.add_argument("--out", type=Path, default=Path("docs/bench/serve.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)  # as each replica
+    root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    urls = start_apps(root)
+    engine = Engine(device="cpu", checkpoint_dir=root / "in-process", rollback_window=ROLLBACK_WINDOW)
+    result = {"command": "python -m bench.serve " + " ".join(sys.argv[1:]), "machine": machine()}
+    result["latency"], result["failover"] = latency_and_failover(urls["two"], engine, args.steps, args.rounds)
+    result["decode"] = decode_rate(urls["one"], engine, args.sessions)
+    result["load"] = [{"replicas": n, **load(urls[name], args.load_sessions, args.load_steps)} for name, n in (("one", 1), ("two", 2))]
+    print(tables(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    engine.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "load_average": os.getloadavg()}
+
+
+if __name__ == "__main__":
+    main()
