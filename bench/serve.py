@@ -16,8 +16,9 @@ checkpoint settings runs the same steps, and the served replies are checked agai
   time from the kill to that token, which the other replica serves after restoring the
   session from the store. Then Serve's replacement replica is waited for.
 - **Decode rate.** 1, 8 and 32 sessions on ``one`` generate 64 tokens each at once; the
-  aggregate rate is every token over the wall-clock time. The same in-process, with a
-  thread per session (the engine batches them the same way).
+  aggregate rate is every token over the wall-clock time (the median of ``decode_rounds``
+  rounds). The same in-process, with a thread per session (the engine batches them the
+  same way), in alternating order with the served rounds.
 - **Load.** 32 sessions step at once, ``load_steps`` steps each (a line of text, then an
   8-token reply), on ``one`` and on ``two``: step latency percentiles, errors, and the
   checkpoint lag (step minus durable step) of every reply.
@@ -139,13 +140,15 @@ class Pair:
         self.backend.append(self.served, observation(n), step=n)
         import ray
 
+        failovers, replays = self.backend.failovers, self.backend.replays
         ray.kill(replica_actor(app, replica), no_restart=True)
         t = time.perf_counter()
         self.replies["served"] = self.backend.generate(self.served, FIRST_TOKEN, n).token_ids
         seconds = time.perf_counter() - t
         assert self.replies["served"] == self.replies["local"], f"step {n}: the reply after the failover differs"
         assert self.backend.info(self.served)["replica"] != replica
-        return {"steps": n - 1, "history_tokens": history, "kill_to_first_token_s": seconds}
+        return {"steps": n - 1, "history_tokens": history, "kill_to_first_token_s": seconds,
+                "ingress_retries": self.backend.failovers - failovers, "client_replays": self.backend.replays - replays}
 
 
 def latency_and_failover(url: str, engine: Engine, milestones: list[int], rounds: int) -> tuple[list[dict], list[dict]]:
@@ -187,20 +190,29 @@ def at_once(count: int, work: Callable[[int], object]) -> float:
         return time.perf_counter() - t
 
 
-def decode_rate(url: str, engine: Engine, counts: list[int]) -> list[dict]:
+def decode_rate(url: str, engine: Engine, counts: list[int], rounds: int) -> list[dict]:
+    """Each round appends a line to every session, then times their generations at once,
+    served and in-process in alternating order; the medians of the rounds."""
     rows = []
     for count in counts:
         backends = [RemoteBackend(url) for _ in range(count)]
         served = [b.create() for b in backends]
         local = [engine.create() for _ in range(count)]
-        for i in range(count):
-            backends[i].append(served[i], user_message([Text(f"session {i}: say something")]), step=1)
-            engine.append(local[i], user_message([Text(f"session {i}: say something")]), step=1)
+        generate = {
+            "served": lambda i, k: backends[i].generate(served[i], DECODE, k),
+            "local": lambda i, k: list(engine.generate(local[i], DECODE, k)),
+        }
+        seconds = {"served": [], "local": []}
+        for k in range(1, rounds + 1):
+            for i in range(count):
+                pieces = user_message([Text(f"session {i}, round {k}: say something")])
+                backends[i].append(served[i], pieces, step=k)
+                engine.append(local[i], pieces, step=k)
+            for side in ("served", "local") if k % 2 else ("local", "served"):
+                seconds[side].append(at_once(count, lambda i: generate[side](i, k)))
         tokens = count * DECODE.max_new_tokens
-        served_s = at_once(count, lambda i: backends[i].generate(served[i], DECODE, 1))
-        local_s = at_once(count, lambda i: list(engine.generate(local[i], DECODE, 1)))
-        rows.append({"sessions": count, "served_tokens_s": tokens / served_s, "local_tokens_s": tokens / local_s})
-        print(f"{count} sessions: served {tokens / served_s:.0f} tokens/s, in-process {tokens / local_s:.0f} tokens/s", flush=True)
+        rows.append({"sessions": count, **{f"{side}_tokens_s": tokens / statistics.median(s) for side, s in seconds.items()}})
+        print(f"{count} sessions: served {rows[-1]['served_tokens_s']:.0f} tokens/s, in-process {rows[-1]['local_tokens_s']:.0f} tokens/s", flush=True)
         for b, s in zip(backends, served):
             b.close(s)
         for s in local:
@@ -248,8 +260,9 @@ def percentile(ordered: list[float], q: float) -> float:
 def tables(r: dict) -> str:
     out = ["| history (steps / tokens) | HTTP + Serve (ms) | in-process (ms) | overhead |", "|---|---|---|---|"]
     out += [f"| {x['steps']} / {x['history_tokens']} | {x['served_ms']:.0f} | {x['local_ms']:.0f} | {x['overhead']:+.0%} |" for x in r["latency"]]
-    out += ["", "| history (steps / tokens) | kill to first token (s) |", "|---|---|"]
-    out += [f"| {x['steps']} / {x['history_tokens']} | {x['kill_to_first_token_s']:.2f} |" for x in r["failover"]]
+    out += ["", "| history (steps / tokens) | kill to first token (s) | ingress retries | steps replayed by the client |", "|---|---|---|---|"]
+    out += [f"| {x['steps']} / {x['history_tokens']} | {x['kill_to_first_token_s']:.2f} | {x['ingress_retries']} | {x['client_replays']} |"
+            for x in r["failover"]]
     out += ["", "| sessions | HTTP + Serve (tokens/s) | x one session | in-process (tokens/s) | x one session |", "|---|---|---|---|---|"]
     out += [f"| {x['sessions']} | {x['served_tokens_s']:.0f} | {x['served_speedup']:.1f}x | {x['local_tokens_s']:.0f} | {x['local_speedup']:.1f}x |"
             for x in r["decode"]]
@@ -264,6 +277,7 @@ def main() -> None:
     p.add_argument("--steps", nargs="+", type=int, default=[10, 100, 500], help="history lengths for latency and failover")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timed steps per history length")
     p.add_argument("--sessions", nargs="+", type=int, default=[1, 8, 32], help="concurrent sessions for the decode rate")
+    p.add_argument("--decode-rounds", type=int, default=5, help="timed generations per session count (median reported)")
     p.add_argument("--load-sessions", type=int, default=32)
     p.add_argument("--load-steps", type=int, default=30)
     p.add_argument("--out", type=Path, default=Path("docs/bench/serve.json"))
@@ -274,7 +288,7 @@ def main() -> None:
     engine = Engine(device="cpu", checkpoint_dir=root / "in-process", rollback_window=ROLLBACK_WINDOW)
     result = {"command": "python -m bench.serve " + " ".join(sys.argv[1:]), "machine": machine()}
     result["latency"], result["failover"] = latency_and_failover(urls["two"], engine, args.steps, args.rounds)
-    result["decode"] = decode_rate(urls["one"], engine, args.sessions)
+    result["decode"] = decode_rate(urls["one"], engine, args.sessions, args.decode_rounds)
     result["load"] = [{"replicas": n, **load(urls[name], args.load_sessions, args.load_steps)} for name, n in (("one", 1), ("two", 2))]
     print(tables(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
