@@ -11,10 +11,14 @@ checkpoint settings runs the same steps, and the served replies are checked agai
   screenshot pooled to 144 tokens plus a line of text, then an 8-token greedy reply (the
   steps of ``bench/checkpoint.py``). At 10, 100 and 500 steps the next ``rounds`` steps are
   timed in interleaved order, alternating which goes first.
+  Each round also times one ``GET`` of the session's info: a request's round trip through
+  HTTP and both deployments, with no model work (a step makes two requests).
 - **Failover.** Right after each of those, the next observation is appended, the replica
   holding the session is killed (``ray.kill``), and its 1-token reply is asked for: the
   time from the kill to that token, which the other replica serves after restoring the
-  session from the store. Then Serve's replacement replica is waited for.
+  session from the store. Next to it, the time a new in-process engine takes to restore
+  the in-process session (the same history) from its own store. Then Serve's replacement
+  replica is waited for.
 - **Decode rate.** 1, 8 and 32 sessions on ``one`` generate 64 tokens each at once; the
   aggregate rate is every token over the wall-clock time (the median of ``decode_rounds``
   rounds). The same in-process, with a thread per session (the engine batches them the
@@ -47,7 +51,7 @@ from typing import Callable
 import torch
 
 from agent import RemoteBackend
-from bench.checkpoint import REPLY, observation
+from bench.checkpoint import REPLY, observation, restore_s
 from model.prompt import Text, user_message
 from serving.engine import Engine
 from serving.types import SamplingParams
@@ -151,7 +155,7 @@ class Pair:
                 "ingress_retries": self.backend.failovers - failovers, "client_replays": self.backend.replays - replays}
 
 
-def latency_and_failover(url: str, engine: Engine, milestones: list[int], rounds: int) -> tuple[list[dict], list[dict]]:
+def latency_and_failover(url: str, engine: Engine, store: Path, milestones: list[int], rounds: int) -> tuple[list[dict], list[dict]]:
     pair = Pair(url, engine)
     latency, failover = [], []
     for m in milestones:
@@ -159,14 +163,21 @@ def latency_and_failover(url: str, engine: Engine, milestones: list[int], rounds
             pair.step()
         timed = {"served": [], "local": []}
         history = engine.session_info(pair.local).length
+        requests = []
         for _ in range(rounds):
             pair.step(timed)
+            t = time.perf_counter()
+            pair.backend.info(pair.served)
+            requests.append(time.perf_counter() - t)
         served, local = statistics.median(timed["served"]), statistics.median(timed["local"])
         latency.append({"steps": m, "history_tokens": history, "served_ms": served * 1000, "local_ms": local * 1000,
-                        "overhead": served / local - 1, "served_all_ms": [s * 1000 for s in timed["served"]],
+                        "overhead": served / local - 1, "request_ms": statistics.median(requests) * 1000,
+                        "served_all_ms": [s * 1000 for s in timed["served"]],
                         "local_all_ms": [s * 1000 for s in timed["local"]]})
         print(f"history {m} steps: served {served * 1000:.0f} ms, in-process {local * 1000:.0f} ms ({served / local - 1:+.0%})", flush=True)
         failover.append(pair.failover("two"))
+        engine.flush(pair.local)
+        failover[-1]["local_restore_s"] = restore_s(engine.model, store, pair.local, reps=1)[0]
         print(f"  failover at {m} steps: {failover[-1]['kill_to_first_token_s']:.2f} s from the kill to the first token", flush=True)
         wait_for_replicas("two", 2)
     return latency, failover
@@ -258,11 +269,13 @@ def percentile(ordered: list[float], q: float) -> float:
 
 # ---------------------------------------------------------------------------- report
 def tables(r: dict) -> str:
-    out = ["| history (steps / tokens) | HTTP + Serve (ms) | in-process (ms) | overhead |", "|---|---|---|---|"]
-    out += [f"| {x['steps']} / {x['history_tokens']} | {x['served_ms']:.0f} | {x['local_ms']:.0f} | {x['overhead']:+.0%} |" for x in r["latency"]]
-    out += ["", "| history (steps / tokens) | kill to first token (s) | ingress retries | steps replayed by the client |", "|---|---|---|---|"]
-    out += [f"| {x['steps']} / {x['history_tokens']} | {x['kill_to_first_token_s']:.2f} | {x['ingress_retries']} | {x['client_replays']} |"
-            for x in r["failover"]]
+    out = ["| history (steps / tokens) | HTTP + Serve (ms) | in-process (ms) | overhead | one GET round trip (ms) |", "|---|---|---|---|---|"]
+    out += [f"| {x['steps']} / {x['history_tokens']} | {x['served_ms']:.0f} | {x['local_ms']:.0f} | {x['overhead']:+.0%} | {x['request_ms']:.0f} |"
+            for x in r["latency"]]
+    out += ["", "| history (steps / tokens) | kill to first token (s) | in-process restore (s) | ingress retries | steps replayed by the client |",
+            "|---|---|---|---|---|"]
+    out += [f"| {x['steps']} / {x['history_tokens']} | {x['kill_to_first_token_s']:.2f} | {x['local_restore_s']:.2f} | {x['ingress_retries']} | "
+            f"{x['client_replays']} |" for x in r["failover"]]
     out += ["", "| sessions | HTTP + Serve (tokens/s) | x one session | in-process (tokens/s) | x one session |", "|---|---|---|---|---|"]
     out += [f"| {x['sessions']} | {x['served_tokens_s']:.0f} | {x['served_speedup']:.1f}x | {x['local_tokens_s']:.0f} | {x['local_speedup']:.1f}x |"
             for x in r["decode"]]
@@ -287,7 +300,7 @@ def main() -> None:
     urls = start_apps(root)
     engine = Engine(device="cpu", checkpoint_dir=root / "in-process", rollback_window=ROLLBACK_WINDOW)
     result = {"command": "python -m bench.serve " + " ".join(sys.argv[1:]), "machine": machine()}
-    result["latency"], result["failover"] = latency_and_failover(urls["two"], engine, args.steps, args.rounds)
+    result["latency"], result["failover"] = latency_and_failover(urls["two"], engine, root / "in-process", args.steps, args.rounds)
     result["decode"] = decode_rate(urls["one"], engine, args.sessions, args.decode_rounds)
     result["load"] = [{"replicas": n, **load(urls[name], args.load_sessions, args.load_steps)} for name, n in (("one", 1), ("two", 2))]
     print(tables(result))
