@@ -27,7 +27,12 @@ checkpoint settings runs the same steps, and the served replies are checked agai
   8-token reply), on ``one`` and on ``two``: step latency percentiles, errors, and the
   checkpoint lag (step minus durable step) of every reply.
 
+Ray starts its workers at niceness 15, below this process: on a machine that other work
+shares, that alone slows the replicas against the in-process engine. ``--worker-niceness 0``
+puts them on an equal footing, to measure what HTTP and Serve themselves add.
+
     python -m bench.serve --out docs/bench/serve.json
+    python -m bench.serve --worker-niceness 0 --out docs/bench/serve-nice0.json
     python -m bench.serve --steps 10 50 --rounds 3 --load-steps 5   # quicker
 """
 
@@ -68,9 +73,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_apps(root: Path) -> dict[str, str]:
-    """Ray, Serve and the two apps on 127.0.0.1; each app's URL."""
+def start_apps(root: Path, worker_niceness: int | None = None) -> dict[str, str]:
+    """Ray, Serve and the two apps on 127.0.0.1; each app's URL. Ray runs its workers (the
+    replicas among them) at ``worker_niceness``, 15 unless set."""
     from serving.application import AppArgs, app
+
+    if worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(worker_niceness)
 
     built = {  # built before Ray starts: the builder keeps Ray on loopback
         name: app(AppArgs(checkpoint_dir=str(root / name), replicas=replicas, cpus_per_replica=1))
@@ -293,11 +302,12 @@ def main() -> None:
     p.add_argument("--decode-rounds", type=int, default=5, help="timed generations per session count (median reported)")
     p.add_argument("--load-sessions", type=int, default=32)
     p.add_argument("--load-steps", type=int, default=30)
+    p.add_argument("--worker-niceness", type=int, default=None, help="the replicas' niceness (Ray's default: 15; this process runs at 0)")
     p.add_argument("--out", type=Path, default=Path("docs/bench/serve.json"))
     args = p.parse_args()
     torch.set_num_threads(1)  # as each replica
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    urls = start_apps(root)
+    urls = start_apps(root, args.worker_niceness)
     engine = Engine(device="cpu", checkpoint_dir=root / "in-process", rollback_window=ROLLBACK_WINDOW)
     result = {"command": "python -m bench.serve " + " ".join(sys.argv[1:]), "machine": machine()}
     result["latency"], result["failover"] = latency_and_failover(urls["two"], engine, root / "in-process", args.steps, args.rounds)
@@ -312,7 +322,8 @@ def main() -> None:
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "load_average": os.getloadavg()}
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "load_average": os.getloadavg(),
+            "worker_niceness": int(os.environ.get("RAY_worker_niceness", 15))}
 
 
 if __name__ == "__main__":

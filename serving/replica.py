@@ -130,6 +130,11 @@ class ModelReplica:
         self.open.add(session)
         self.metrics.step("generate", time.perf_counter() - start, last.tokens or 0, _lag(step, last.durable_step))
 
+    def __del__(self) -> None:
+        """Serve calls this on a graceful shutdown (scaling down, redeploying): write what
+        the checkpoint writer still holds before the process goes."""
+        self.engine.shutdown()
+
     # ------------------------------------------------------------------ health and metrics
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes it replace the replica."""
