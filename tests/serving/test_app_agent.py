@@ -13,7 +13,7 @@ from agent.prompt import Observation, step_pieces
 from envs.rollout import run_rollout
 from envs.trajectory import read_trajectory
 
-from conftest import API_KEY
+from served_app import API_KEY
 
 STEPS = 100
 MAX_NEW_TOKENS = 4

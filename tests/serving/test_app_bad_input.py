@@ -15,7 +15,7 @@ from agent import RemoteBackend
 from model.prompt import Image, Text, user_message
 from serving.types import SamplingParams
 
-from conftest import API_KEY, LIMITS, png_bytes, screenshot
+from served_app import API_KEY, LIMITS, png_bytes, screenshot
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 

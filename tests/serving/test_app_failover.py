@@ -18,7 +18,7 @@ from agent import RemoteBackend
 from model.prompt import Image, Text, user_message
 from serving.types import SamplingParams
 
-from conftest import png_bytes, screenshot
+from served_app import png_bytes, screenshot
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 

@@ -14,7 +14,7 @@ from agent import RemoteBackend
 from model.prompt import Text
 from serving.types import SamplingParams
 
-from conftest import BUDGET, metric
+from served_app import BUDGET, metric
 
 SESSIONS, STEPS = 32, 30
 

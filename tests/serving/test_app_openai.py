@@ -13,7 +13,7 @@ import pytest
 from serving.chat import ChatMessage, chat_pieces
 from serving.limits import Limits
 
-from conftest import API_KEY, png_bytes, screenshot
+from served_app import API_KEY, png_bytes, screenshot
 
 # Random weights emit any byte; ASCII text is what a conversation can send back and have
 # read as the same tokens. Ids 4..131 are the ASCII bytes, 2 is EOS.

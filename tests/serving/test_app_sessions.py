@@ -16,7 +16,7 @@ from serving.types import SamplingParams, StepResult
 from serving.uploads import decode_image
 from serving.limits import Limits
 
-from conftest import screenshot, png_bytes
+from served_app import screenshot, png_bytes
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 STEPS = 50
