@@ -16,8 +16,9 @@ against the state's growth, the disk the log takes with compaction on, and the w
 throughput (while the episode runs, and with a backlog of 64 sessions) against the disk's
 own sequential write speed measured here with ``dd``.
 
-    python bench/checkpoint.py --configs default jamba256 --out docs/bench/checkpoint.json
-    python bench/checkpoint.py --configs jamba256 --steps 10 100 --rounds 5   # quicker
+    python -m bench.checkpoint --configs default --out docs/bench/checkpoint-default.json
+    python -m bench.checkpoint --configs jamba256 --out docs/bench/checkpoint-jamba256.json
+    python -m bench.checkpoint --configs jamba256 --steps 10 100 --rounds 5   # quicker
 """
 
 from __future__ import annotations
@@ -261,7 +262,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["default", "jamba256"], choices=["default", *LLM_CONFIGS])
+    p.add_argument("--configs", nargs="+", default=["default", "jamba256"], choices=list(LLM_CONFIGS))
     p.add_argument("--steps", nargs="+", type=int, default=[10, 100, 500, 1000])
     p.add_argument("--rounds", type=int, default=15, help="interleaved timed steps per history length")
     p.add_argument("--threads", type=int, default=1)

@@ -52,10 +52,18 @@ class CheckpointWriter:
         while True:
             waiting, stop = self._take()
             written = [log for log in waiting if log.begin()]
-            for log, error in zip(written, self._syncs.map(SessionLog.sync_file, written)):
+            for log, error in zip(written, self._sync_all(written)):
                 log.finish(error)
             if stop:
                 return
+
+    def _sync_all(self, logs: list[SessionLog]) -> list[Exception | None]:
+        """Each log's sync error (None once synced), in parallel; one by one once the
+        interpreter is exiting, when thread pools take no more work."""
+        try:
+            return list(self._syncs.map(SessionLog.sync_file, logs))
+        except RuntimeError:
+            return [SessionLog.sync_file(log) for log in logs]
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:

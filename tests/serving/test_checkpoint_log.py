@@ -435,6 +435,10 @@ budget = {budget}
 kw = dict(checkpoint_dir={store!r}, max_resident_bytes=budget) if budget else dict()
 engine = Engine(model, device="cpu", **kw)
 greedy = SamplingParams(max_new_tokens=3, ignore_eos=True)
+warm = engine.create()  # one step first: kernel caches, the writer's threads and other one-time costs
+engine.append(warm, [worker.Text("warm up")], step=1)
+engine.generate_text(warm, greedy, step=1)
+engine.close(warm)
 sessions = [engine.create() for _ in range({n})]
 base, peak, replies = rss(), 0, []
 for round in (1, 2):
@@ -463,5 +467,5 @@ def test_200_sessions_under_a_budget_for_20(tmp_path):
     bounded = run(budget)
     assert bounded["replies"] == free["replies"]
     assert bounded["resident"] <= 21
-    overhead = 32 * 2**20  # the writer's queue, allocator slack, restored-session copies in flight
+    overhead = 16 * 2**20  # the writer's queue, allocator slack, restored-session copies in flight
     assert bounded["peak"] <= budget + overhead < free["peak"]
