@@ -21,7 +21,7 @@ from .actions import (
     Key,
     ParsedAction,
     Scroll,
-    Type,
+    TypeText,
     Wait,
     format_action,
     parse_action,
@@ -32,6 +32,6 @@ from .prompt import Observation, step_pieces
 
 __all__ = [
     "ACTION", "FALLBACK", "Action", "Agent", "Answer", "Backend", "Click", "Generation", "Key",
-    "LocalBackend", "NoSessionError", "Observation", "ParsedAction", "Scroll", "StepRecord", "Type",
+    "LocalBackend", "NoSessionError", "Observation", "ParsedAction", "Scroll", "StepRecord", "TypeText",
     "Wait", "format_action", "parse_action", "step_pieces",
 ]

@@ -6,19 +6,26 @@ with a Mamba-1 mixer otherwise; its feed-forward is a mixture of experts when
 has no positional embedding: the Mamba layers carry order.
 
 Every mixer reads and writes a ``SessionState``, so the same ``forward`` serves a first
-prefill, an append onto a long history, and one-token decode. Module names match the
+prefill, an append onto a long history, and one-token decode. ``forward_batch`` is the
+training path: a right-padded batch from empty states, always through the differentiable
+pure-PyTorch kernels (the Triton kernels have no backward), with optional activation
+checkpointing per layer. Module names match the
 LongLLaVA checkpoints' keys (``mamba``, ``self_attn``, ``moe``, ``pre_moe_layernorm``,
 ``final_layernorm``), so those load without renaming inside a layer.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.checkpoint import checkpoint
+
+from . import kernels as reference
 from . import ops
 from .config import HybridLMConfig
 from .state import DecodeBatch, KVCache, MambaLayerState, SessionState
@@ -64,8 +71,18 @@ class MambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, state: MambaLayerState) -> torch.Tensor:
         if h.shape[1] == 1:
             return self.step(h, state)
-        k = ops.kernels_for(h.device)
-        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [1, d_inner, L] each
+        return self.chunk(h, state, ops.kernels_for(h.device))
+
+    def forward_full(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [batch, L, hidden]`` from zero states, through the differentiable reference kernels."""
+        b, d = h.shape[0], self.d_inner
+        k = self.conv1d.weight.shape[-1]
+        zeros = MambaLayerState(h.new_zeros(b, d, k), h.new_zeros(b, d, self.d_state, dtype=torch.float32))
+        return self.chunk(h, zeros, reference)
+
+    def chunk(self, h: torch.Tensor, state: MambaLayerState, k: ModuleType) -> torch.Tensor:
+        """A chunk ``h [batch, L, hidden]`` continuing from ``state`` (updated), on kernel set ``k``."""
+        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [batch, d_inner, L] each
         x, state.conv = k.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
@@ -100,15 +117,26 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor, caches: KVCache | list[KVCache]) -> torch.Tensor:
         """``h`` is ``[batch, L, hidden]`` with one cache per row. Each row attends to its own
         cache at its own length, so sessions of different histories decode together."""
-        b, L, _ = h.shape
         caches = [caches] if isinstance(caches, KVCache) else caches
-        if len(caches) != b:
-            raise ValueError(f"{b} rows of input but {len(caches)} K/V caches")
+        if len(caches) != h.shape[0]:
+            raise ValueError(f"{h.shape[0]} rows of input but {len(caches)} K/V caches")
+        out = ops.kernels_for(h.device).append_and_attend(*self._qkv(h), caches)
+        return self._out(out)
+
+    def forward_full(self, h: torch.Tensor) -> torch.Tensor:
+        """Causal attention within each row of ``h [batch, L, hidden]``, with no cache."""
+        return self._out(reference.attention(*self._qkv(h)))
+
+    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, L, _ = h.shape
         q = self.q_proj(h).view(b, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, L, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = ops.kernels_for(h.device).append_and_attend(q, k, v, caches)
-        return self.o_proj(out.transpose(1, 2).reshape(b, L, -1))
+        return q, k, v
+
+    def _out(self, out: torch.Tensor) -> torch.Tensor:
+        """``[batch, heads, L, head_dim]`` back to ``[batch, L, hidden]`` through ``o_proj``."""
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
@@ -166,12 +194,13 @@ class HybridBlock(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_moe_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, state: SessionState | DecodeBatch) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, state: SessionState | DecodeBatch | None) -> torch.Tensor:
+        """With a state, the next chunk of a session; with None, whole rows from empty states."""
         x = self.input_layernorm(h)
         if self.is_attention:
-            x = self.self_attn(x, state.kv[self.index])
+            x = self.self_attn(x, state.kv[self.index]) if state is not None else self.self_attn.forward_full(x)
         else:
-            x = self.mamba(x, state.mamba[self.index])
+            x = self.mamba(x, state.mamba[self.index]) if state is not None else self.mamba.forward_full(x)
         h = h + x
         return h + self.moe(self.pre_moe_layernorm(h))
 
@@ -239,6 +268,25 @@ class HybridLM(nn.Module):
             h = layer(h, batch)
         batch.advance()
         return self.lm_head(self.final_layernorm(h[:, 0]))
+
+    def forward_batch(self, embeds: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
+        """The final-normed hidden states ``[batch, L, hidden]`` of whole sequences ``embeds
+        [batch, L, hidden]``, each from an empty state: the training path.
+
+        Every op is causal, so right padding never changes the real positions. It runs the
+        pure-PyTorch kernels on every device, since the Triton kernels have no backward.
+        ``gradient_checkpointing`` recomputes each layer in the backward pass instead of
+        keeping its activations (the scan's are ``L x d_inner x d_state`` floats).
+        """
+        if embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"forward_batch takes [batch, L, {self.config.hidden_size}], got {tuple(embeds.shape)}")
+        h = embeds.to(self.dtype)
+        for layer in self.layers:
+            if gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, None, use_reentrant=False)
+            else:
+                h = layer(h, None)
+        return self.final_layernorm(h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full pass over ``input_ids [L]`` from an empty state: the logits of every position."""

@@ -1,0 +1,166 @@
+"""Synthetic training data from the envs' own screens, written as LLaVA-format JSONL.
+
+Every image is a real screenshot that an env renders at its default 336x336 (the size
+the agent sees), saved as PNG. Screens come from ``env.reset(seed)``: an episode's
+screens are its ground truth (``envs.base.Episode``), so captions, questions and
+answers are exact. One generator per stage:
+
+- ``captions``   (align) each screen described: its title and every element's text,
+                 with panel centres in the action grammar's 0..1000 units;
+- ``questions``  (single) one screen, one question: the access code shown, where to
+                 click a named button, what a note names, which icons or words appear;
+- ``sequences``  (multi) several screens as one sample, as images or as a video, asked
+                 what the task asks at its end; and toolbars as tiled high-res images;
+- ``texts``      (text) the same questions with the screen's content given as text.
+
+Trajectories for fine-tuning come from oracle rollouts instead (``training.trajectories``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import gymnasium as gym
+import numpy as np
+from PIL import Image
+
+import envs  # noqa: F401  (registers the tasks)
+from envs.actions import Click, format_action
+from envs.base import Episode
+from envs.render import PALETTE, Icon, Label, Panel, Screen, render
+
+COLOR_NAMES = {rgb: name for name, rgb in PALETTE.items()}
+SIZE = 336  # the envs' default screen, which the agent sees
+
+
+def episode(task: str, seed: int, **kwargs) -> tuple[Episode, gym.Env]:
+    """The episode that ``longllava/<task>-v0`` plays for ``seed``."""
+    env = gym.make(f"longllava/{task}-v0", **kwargs)
+    env.reset(seed=seed)
+    return env.unwrapped._episode, env.unwrapped
+
+
+def _centre(box: tuple[int, int, int, int]) -> tuple[int, int]:
+    x0, y0, x1, y1 = box
+    return (x0 + x1) // 2, (y0 + y1) // 2
+
+
+def describe(element: Panel | Label | Icon) -> str | None:
+    match element:
+        case Panel(label=""):
+            return None
+        case Panel():
+            x, y = _centre(element.box)
+            return f'"{element.label}" at ({x}, {y})'
+        case Label():
+            return element.text
+        case Icon():
+            return f"{COLOR_NAMES.get(element.fill, 'a')} {element.shape}"
+    return None
+
+
+def caption(screen: Screen) -> str:
+    parts = [d for d in map(describe, screen.elements) if d]
+    return f"{screen.title}: " + ("; ".join(parts) if parts else "nothing else") + "."
+
+
+@dataclass
+class Writer:
+    """Writes PNGs under ``root/images`` and JSONL records to ``root/<name>.jsonl``."""
+
+    root: Path
+    count: int = 0
+
+    def image(self, screen: Screen) -> str:
+        name = f"images/{self.count:07d}.png"
+        self.count += 1
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render(screen, SIZE, SIZE)).save(self.root / name, compress_level=1)
+        return name
+
+    def write(self, name: str, records: Iterator[dict]) -> Path:
+        path = self.root / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for k, record in enumerate(records):
+                f.write(json.dumps({"id": f"{name}-{k}", **record}, ensure_ascii=False) + "\n")
+        return path
+
+
+def _qa(question: str, answer: str, images: list[str] | None = None, prefix: str = "<image>\n") -> dict:
+    record = {"conversations": [{"from": "human", "value": (prefix * len(images or [])) + question},
+                                {"from": "gpt", "value": answer}]}
+    if images:
+        record["image"] = images
+    return record
+
+
+# ----------------------------------------------------------------------------- per screen
+def screen_questions(task: str, ep: Episode, t: int) -> list[tuple[str, str]]:
+    """Questions about screen ``t`` of an episode that its pixels alone answer."""
+    screen = ep.screens[t]
+    panels = [e for e in screen.elements if isinstance(e, Panel) and e.label]
+    icons = [e for e in screen.elements if isinstance(e, Icon)]
+    out: list[tuple[str, str]] = []
+    if task == "RecallCode" and t == 0:
+        out.append(("What is the access code?", panels[0].label))
+    if task == "ClickTarget" and screen.title == "Toolbar":
+        for p in panels:
+            out.append((f'Click the "{p.label}" button.', format_action(Click(*_centre(p.box)))))
+    if screen.title == "Note":
+        out.append(("Which button does the note name?", panels[0].label.split('"')[1]))
+    if icons and screen.title == "Monitor":
+        out.append(("Which icons are shown?", ", ".join(describe(i) for i in icons)))
+    if screen.title == "Notifications":
+        out.append(("Which words are on the cards?", ", ".join(p.label for p in panels)))
+    if screen.title == "Video":
+        says = [p.label for p in panels]
+        out.append(("What does the caption say?", says[0] if says else "There is no caption."))
+    return out
+
+
+TASKS = {  # task -> constructor arguments for short episodes that cover every screen kind
+    "RecallCode": dict(difficulty="easy", memory_span=2),
+    "ClickTarget": dict(difficulty="easy"),
+    "CountEvents": dict(difficulty="easy", memory_span=3),
+    "OrderEvents": dict(difficulty="easy", memory_span=3),
+    "NeedleFrame": dict(difficulty="easy", memory_span=2),
+}
+
+
+def captions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
+    """``n`` screens from the weighted tasks, each with its caption."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        for k in range(n):
+            task = rng.choices(list(weights), list(weights.values()))[0]
+            ep, _ = episode(task, seed * 1_000_003 + k, **TASKS[task])
+            screen = ep.screens[rng.randrange(len(ep.screens))]
+            yield _qa("Describe the screen.", caption(screen), [writer.image(screen)])
+
+    return writer.write("captions", records())
+
+
+def questions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
+    """``n`` single-screen questions from the weighted tasks."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        made = 0
+        k = 0
+        while made < n:
+            task = rng.choices(list(weights), list(weights.values()))[0]
+            ep, _ = episode(task, seed * 1_000_003 + k, **TASKS[task])
+            k += 1
+            options = [(t, q) for t in range(len(ep.screens)) for q in screen_questions(task, ep, t)]
+            if not options:
+                continue
+            t, (question, answer) = rng.choice(options)
+            made += 1
+            yield _qa(question, answer, [writer.image(ep.screens[t])])
+
+    return writer.write("questions", records())
