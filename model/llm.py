@@ -16,6 +16,7 @@ LongLLaVA checkpoints' keys (``mamba``, ``self_attn``, ``moe``, ``pre_moe_layern
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Literal
 
@@ -61,6 +62,17 @@ class MambaMixer(nn.Module):
         # Jamba's inner norms; the capitalised names are those of LongLLaVA's checkpoints
         norm = (lambda dim: RMSNorm(dim, config.rms_norm_eps)) if config.mamba_inner_layernorms else (lambda dim: nn.Identity())
         self.dt_layernorm, self.B_layernorm, self.C_layernorm = norm(r), norm(n), norm(n)
+        self._init_dt()
+
+    @torch.no_grad()
+    def _init_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba's initialisation of the step size, for training from scratch: softplus of
+        the bias is log-uniform in [dt_min, dt_max], so the state starts with memories of
+        10 to 1000 tokens. (nn.Linear's default bias would give dt near 0.7, a memory of
+        a few tokens, and a random model would learn to carry nothing far.)"""
+        self.dt_proj.weight.uniform_(-self.dt_rank**-0.5, self.dt_rank**-0.5)
+        dt = torch.empty_like(self.dt_proj.bias).uniform_(math.log(dt_min), math.log(dt_max)).exp()
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
 
     def _ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dt (before bias and softplus), B and C from the conv output ``x [..., d_inner]``."""

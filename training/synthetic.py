@@ -83,6 +83,7 @@ class Writer:
         return name
 
     def write(self, name: str, records: Iterator[dict]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{name}.jsonl"
         with open(path, "w", encoding="utf-8") as f:
             for k, record in enumerate(records):
@@ -131,14 +132,46 @@ TASKS = {  # task -> constructor arguments for short episodes that cover every s
 }
 
 
+def regions_of(screen: Screen) -> list[dict]:
+    """Each element with text or a shape, at its centre (a label at its start)."""
+    out = []
+    for element in screen.elements:
+        match element:
+            case Panel(label=label) if label:
+                x, y = _centre(element.box)
+                out.append({"x": x, "y": y, "text": label})
+            case Label():
+                out.append({"x": element.xy[0], "y": element.xy[1] + element.size // 2, "text": element.text})
+            case Icon():
+                out.append({"x": element.center[0], "y": element.center[1], "text": describe(element)})
+    return out
+
+
+def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> tuple[str, Episode]:
+    task = rng.choices(list(weights), list(weights.values()))[0]
+    return task, episode(task, seed * 1_000_003 + k, **TASKS[task])[0]
+
+
+def regions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
+    """``n`` screens with their regions, for ``training.tower``."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        for k in range(n):
+            _, ep = _draw(rng, seed, k, weights)
+            screen = ep.screens[rng.randrange(len(ep.screens))]
+            yield {"image": writer.image(screen), "regions": regions_of(screen)}
+
+    return writer.write("regions", records())
+
+
 def captions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
     """``n`` screens from the weighted tasks, each with its caption."""
     rng = random.Random(seed)
 
     def records() -> Iterator[dict]:
         for k in range(n):
-            task = rng.choices(list(weights), list(weights.values()))[0]
-            ep, _ = episode(task, seed * 1_000_003 + k, **TASKS[task])
+            _, ep = _draw(rng, seed, k, weights)
             screen = ep.screens[rng.randrange(len(ep.screens))]
             yield _qa("Describe the screen.", caption(screen), [writer.image(screen)])
 
@@ -150,11 +183,9 @@ def questions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> P
     rng = random.Random(seed)
 
     def records() -> Iterator[dict]:
-        made = 0
-        k = 0
+        made = k = 0
         while made < n:
-            task = rng.choices(list(weights), list(weights.values()))[0]
-            ep, _ = episode(task, seed * 1_000_003 + k, **TASKS[task])
+            task, ep = _draw(rng, seed, k, weights)
             k += 1
             options = [(t, q) for t in range(len(ep.screens)) for q in screen_questions(task, ep, t)]
             if not options:
@@ -164,3 +195,56 @@ def questions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> P
             yield _qa(question, answer, [writer.image(ep.screens[t])])
 
     return writer.write("questions", records())
+
+
+# ----------------------------------------------------------------------------- sequences
+SEQUENCE_TASKS = {  # task -> (constructor arguments, memory spans to draw from)
+    "RecallCode": (dict(difficulty="easy"), (1, 2, 3)),
+    "ClickTarget": (dict(difficulty="easy"), (1, 2)),
+    "OrderEvents": (dict(difficulty="easy"), (2, 3, 4)),
+    "CountEvents": (dict(difficulty="easy"), (2, 3)),
+    "NeedleFrame": (dict(difficulty="easy"), (2, 4, 6)),
+}
+
+
+def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tiles_share: float = 0.1) -> Path:
+    """``n`` multi-screen samples: a short episode's screens as images (NeedleFrame's as a
+    video) and the question its last screen asks; a ``tiles_share`` of them is instead one
+    toolbar as a tiled high-resolution image."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        for k in range(n):
+            if rng.random() < tiles_share:
+                ep, _ = episode("ClickTarget", seed * 1_000_003 + k, difficulty="easy")
+                yield {**_qa(ep.screens[0].instruction, format_action(ep.solution), [writer.image(ep.screens[0])]),
+                       "tiles": True}
+                continue
+            task = rng.choices(list(weights), list(weights.values()))[0]
+            kwargs, spans = SEQUENCE_TASKS[task]
+            ep, _ = episode(task, seed * 1_000_003 + k, memory_span=rng.choice(spans), **kwargs)
+            *watched, question = ep.screens
+            answer = format_action(ep.solution)
+            if task == "NeedleFrame":  # the frames as a video, then the quiz screen
+                frames = [writer.image(s) for s in watched]
+                yield {**_qa("<video>\n<image>\n" + question.instruction, answer, prefix=""),
+                       "image": [writer.image(question)], "video": frames}
+            else:
+                yield _qa(question.instruction, answer, [writer.image(s) for s in ep.screens])
+
+    return writer.write("sequences", records())
+
+
+def texts(writer: Writer, n: int, seed: int) -> Path:
+    """``n`` text-only samples: a screen's content as text, then its question."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        k = 0
+        for k in range(n):
+            task = rng.choice(["RecallCode", "ClickTarget"])
+            ep, _ = episode(task, seed * 1_000_003 + k, **TASKS[task])
+            shown = "\n".join(caption(s) for s in ep.screens[:-1]) if task == "RecallCode" else caption(ep.screens[0])
+            yield _qa(f"{shown}\n{ep.screens[-1].instruction}", format_action(ep.solution))
+
+    return writer.write("texts", records())

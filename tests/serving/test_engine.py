@@ -45,9 +45,9 @@ def test_append_costs_only_the_new_tokens(engine):
     assert first.step == 1 and first.length == first.tokens
     obs = engine.append(s, user_message([Image(screenshot(0)), Text("step 1")]))
     assert obs.step == 2 and obs.length == first.length + obs.tokens
-    # one image is 144 rows; the rest is the template and text
+    # one image is image_tokens rows (36 for the embedded model); the rest is the template and text
     expected_text = len(tokenize_prompt(engine.tokenizer, "<|startoftext|><|User|>\n<img></img>step 1\n<|startoftext|><|Assistant|>\n"))
-    assert obs.tokens == 144 + expected_text
+    assert obs.tokens == engine.model.config.image_tokens + expected_text
     assert engine.state_of(s).length == obs.length
     engine.close(s)
 
@@ -159,7 +159,7 @@ def test_step_numbers_make_appends_idempotent(engine):
 def test_video_frames_are_spliced(engine):
     s = engine.create()
     r = engine.append(s, user_message([Video([screenshot(i) for i in range(3)]), Text("what happened?")]))
-    assert r.tokens > 3 * 144
+    assert r.tokens > 3 * engine.model.config.image_tokens
 
 
 def test_bad_input_is_refused_and_loses_nothing(engine):
