@@ -227,8 +227,22 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def _init_weights(self, std: float = 0.02) -> None:
+        """For training from scratch: embeddings, attention and feed-forward projections
+        N(0, std) with zero biases, as Jamba (``initializer_range`` 0.02); the Mamba mixers
+        keep mamba-ssm's own (PyTorch's defaults, and ``MambaMixer._init_dt``), whose
+        output gate would otherwise start near zero. PyTorch's default N(0, 1) embeddings
+        would drown what the layers and the image features add to the stream."""
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and ".mamba." not in f".{name}.":
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,13 +5,13 @@
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
    rollouts recorded by ``envs.rollout`` and converted by ``training.trajectories``;
-2. the vision tower, pretrained on dense region captions (``training.tower``): it stands
-   in for CLIP, which no package ships;
+2. the vision tower, pretrained to read each screen's key text from every pooled cell
+   (``training.tower``): it stands in for CLIP, which no package ships;
 3. stage 1 (align, captions), stage 2 (single-screen questions), stage 3 (multi-screen
    and video questions, tiled screens, replay of stage 2 and text data) and trajectory
-   fine-tuning, each a ``Trainer`` run starting from the stage before. The LLM starts
-   random, so unlike LongLLaVA's recipe it trains from stage 1 on, and the tower,
-   pretrained here rather than by CLIP, trains in stages 1 and 2 too;
+   fine-tuning, each a ``Trainer`` run starting from the stage before, with LongLLaVA's
+   recipes (the pretrained tower frozen throughout) but one change: the LLM starts
+   random, so it trains in stage 1 along with the projector;
 4. the result in half precision, with a manifest of how it was made; ``--install``
    writes it into ``model/weights/default``, where ``default_model()`` finds it.
 
@@ -66,7 +66,7 @@ class Episodes:
 @dataclass(frozen=True)
 class Preset:
     architecture: dict
-    regions: int
+    screens: int
     captions: int
     questions: int
     sequences: int
@@ -87,19 +87,19 @@ TINY_ARCH = DEFAULT_CONFIG.model_copy(update=dict(
 
 PRESETS = {
     "smoke": Preset(
-        architecture=TINY_ARCH, regions=64, captions=48, questions=48, sequences=24, texts=16,
+        architecture=TINY_ARCH, screens=64, captions=48, questions=48, sequences=24, texts=16,
         trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
-        tower_steps=20, steps={"align": 12, "single": 12, "multi": 6, "trajectory": 6},
+        tower_steps=20, steps={"align": 12, "single": 12, "multi": 10, "trajectory": 10},
         batch={"align": 8, "single": 8, "multi": 4, "trajectory": 2}, lr=3e-3,
     ),
     "demo": Preset(
-        architecture=DEFAULT_CONFIG.to_dict(), regions=6000, captions=3000, questions=8000, sequences=2500, texts=800,
+        architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=1200, questions=12000, sequences=1000, texts=400,
         trajectories=(
-            Episodes("RecallCode", 300, (2, 4, 8, 12, 16)), Episodes("ClickTarget", 300, (0,)),
-            Episodes("OrderEvents", 40, (4,)), Episodes("CountEvents", 40, (4,)), Episodes("NeedleFrame", 40, (6,)),
+            Episodes("RecallCode", 160, (2, 4, 8, 16)), Episodes("ClickTarget", 120, (0,)),
+            Episodes("OrderEvents", 20, (4,)), Episodes("CountEvents", 20, (4,)), Episodes("NeedleFrame", 20, (6,)),
         ),
-        tower_steps=600, steps={"align": 150, "single": 450, "multi": 150, "trajectory": 200},
-        batch={"align": 16, "single": 16, "multi": 8, "trajectory": 4},
+        tower_steps=600, steps={"align": 60, "single": 700, "multi": 80, "trajectory": 120},
+        batch={"align": 16, "single": 16, "multi": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
 
@@ -109,7 +109,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``."""
     writer = synthetic.Writer(root / "screens")
     files = {
-        "regions": synthetic.regions(writer, preset.regions, seed + 1, PERCEPTION),
+        "screens": synthetic.screens(writer, preset.screens, seed + 1, PERCEPTION),
         "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
         "questions": synthetic.questions(writer, preset.questions, seed + 3, PERCEPTION),
         "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),
@@ -136,7 +136,7 @@ def data_hash(files: dict[str, Path]) -> str:
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(files[name].read_bytes())
-    for image in sorted((files["regions"].parent / "images").glob("*.png")):
+    for image in sorted((files["screens"].parent / "images").glob("*.png")):
         digest.update(image.read_bytes())
     return digest.hexdigest()
 
@@ -146,9 +146,9 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int)
     def source(name: str, fraction: float = 1.0) -> DataSource:
         return DataSource(path=str(files[name]), fraction=fraction)
 
-    plan = [
-        ("align", [source("captions")], ("vision", "projector", "llm")),
-        ("single", [source("questions")], ("vision", "projector", "llm")),
+    plan = [  # (stage, data, what trains where the recipe is not LongLLaVA's)
+        ("align", [source("captions")], ("projector", "llm")),  # the LLM starts random
+        ("single", [source("questions")], None),
         ("multi", [source("sequences"), source("questions", 0.2), source("texts")], None),
         ("trajectory", [source("trajectories")], None),
     ]
@@ -186,7 +186,7 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False) -> di
         torch.manual_seed(seed)
         model = LongLLaVA(architecture)
     (runs / "tower").mkdir(parents=True, exist_ok=True)
-    tower_losses = pretrain_tower(model, files["regions"], preset.tower_steps, seed=seed,
+    tower_losses = pretrain_tower(model, files["screens"], preset.tower_steps, seed=seed,
                                   log=runs / "tower" / "metrics.jsonl")
     save_checkpoint(model, runs / "tower" / "model")
     losses["tower"] = (tower_losses[0], sum(tower_losses[-5:]) / 5)

@@ -5,6 +5,7 @@ the agent sees), saved as PNG. Screens come from ``env.reset(seed)``: an episode
 screens are its ground truth (``envs.base.Episode``), so captions, questions and
 answers are exact. One generator per stage:
 
+- ``screens``    (tower pretraining) each screen's key text (``training.tower``);
 - ``captions``   (align) each screen described: its title and every element's text,
                  with panel centres in the action grammar's 0..1000 units;
 - ``questions``  (single) one screen, one question: the access code shown, where to
@@ -132,19 +133,13 @@ TASKS = {  # task -> constructor arguments for short episodes that cover every s
 }
 
 
-def regions_of(screen: Screen) -> list[dict]:
-    """Each element with text or a shape, at its centre (a label at its start)."""
-    out = []
-    for element in screen.elements:
-        match element:
-            case Panel(label=label) if label:
-                x, y = _centre(element.box)
-                out.append({"x": x, "y": y, "text": label})
-            case Label():
-                out.append({"x": element.xy[0], "y": element.xy[1] + element.size // 2, "text": element.text})
-            case Icon():
-                out.append({"x": element.center[0], "y": element.center[1], "text": describe(element)})
-    return out
+def key_text(screen: Screen) -> str:
+    """The screen's title, then each labelled panel with its centre, then each icon: what
+    ``training.tower`` teaches the tower to see."""
+    panels = [e for e in screen.elements if isinstance(e, Panel) and e.label]
+    icons = [e for e in screen.elements if isinstance(e, Icon)]
+    parts = [f"{p.label} {_centre(p.box)[0]} {_centre(p.box)[1]}" for p in panels] + [describe(i) for i in icons]
+    return f"{screen.title}: " + "; ".join(parts)
 
 
 def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> tuple[str, Episode]:
@@ -152,17 +147,17 @@ def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> t
     return task, episode(task, seed * 1_000_003 + k, **TASKS[task])[0]
 
 
-def regions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
-    """``n`` screens with their regions, for ``training.tower``."""
+def screens(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
+    """``n`` screens with their key text, for ``training.tower``."""
     rng = random.Random(seed)
 
     def records() -> Iterator[dict]:
         for k in range(n):
             _, ep = _draw(rng, seed, k, weights)
             screen = ep.screens[rng.randrange(len(ep.screens))]
-            yield {"image": writer.image(screen), "regions": regions_of(screen)}
+            yield {"image": writer.image(screen), "text": key_text(screen)}
 
-    return writer.write("regions", records())
+    return writer.write("screens", records())
 
 
 def captions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:

@@ -1,14 +1,16 @@
-"""Pretraining a vision tower from scratch on dense region captions, standing in for CLIP.
+"""Pretraining a vision tower from scratch on screen captions, standing in for CLIP.
 
 LongLLaVA's tower arrives pretrained (CLIP ViT-L/336); the embedded demo model's cannot,
-since no CLIP ships in a package. Learning to read through a random LLM from a few answer
-tokens is slow, so the demo recipe first teaches the tower directly, as dense captioning
-pretrains vision encoders: every pooled cell of the ``grid x grid`` feature map predicts
-the text of the screen element centred in it, followed by its centre in the action
-grammar's 0..1000 units ("Save 314 219"), or nothing. A linear head reads each cell;
-it is thrown away afterwards, and the LLaVA stages start from the tower it leaves.
+since no CLIP ships in a package. A random LLM learns to read from image tokens only
+slowly when what it needs sits in one or two of the 36 pooled cells (it must first learn
+where to look), and quickly when every cell carries it, as a photo's colour does. So the
+tower learns what CLIP's image embedding is for: every pooled cell predicts the screen's
+key text, its title and each labelled element with its centre in the action grammar's
+0..1000 units ("Toolbar: Save 314 219; Open 671 312"), character by character through a
+linear head. The loss falls on a few random cells per image each step, which is as good
+as all of them for the tower and far cheaper. The head is thrown away afterwards.
 
-Records are JSONL: ``{"image": path, "regions": [{"x": 314, "y": 219, "text": "Save"}]}``.
+Records are JSONL: ``{"image": path, "text": "Toolbar: Save 314 219; ..."}``.
 """
 
 from __future__ import annotations
@@ -28,24 +30,21 @@ from model.prompt import EOS_TOKEN
 from model.tokenizer import ByteTokenizer
 from model.vision import preprocess_image
 
-MAX_CHARS = 32
+MAX_CHARS = 64
+CELLS_PER_IMAGE = 4
 IGNORE = -100
 
 
-def cell_targets(regions: list[dict], grid: int, tokenizer: ByteTokenizer) -> torch.Tensor:
-    """``[grid * grid, MAX_CHARS]`` byte ids: each cell's text and EOS, then ``IGNORE``."""
-    targets = torch.full((grid * grid, MAX_CHARS), IGNORE, dtype=torch.long)
-    targets[:, 0] = tokenizer.eos_id
-    for region in regions:
-        cell = min(region["y"] * grid // 1000, grid - 1) * grid + min(region["x"] * grid // 1000, grid - 1)
-        ids = tokenizer.encode(f"{region['text']} {region['x']} {region['y']}"[: MAX_CHARS - 1] + EOS_TOKEN)
-        targets[cell] = IGNORE
-        targets[cell, : len(ids)] = torch.tensor(ids)
-    return targets
+def text_target(text: str, tokenizer: ByteTokenizer) -> torch.Tensor:
+    """``[MAX_CHARS]`` byte ids: the text (cut to fit) and EOS, then ``IGNORE``."""
+    ids = tokenizer.encode(text[: MAX_CHARS - 1] + EOS_TOKEN)
+    target = torch.full((MAX_CHARS,), IGNORE, dtype=torch.long)
+    target[: len(ids)] = torch.tensor(ids)
+    return target
 
 
-class RegionHead(nn.Module):
-    """Reads every cell's text from its feature, one linear classifier per character slot."""
+class CaptionHead(nn.Module):
+    """Reads a cell's feature as text, one linear classifier per character position."""
 
     def __init__(self, width: int, vocab: int):
         super().__init__()
@@ -60,10 +59,8 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
                    seed: int = 0, log: Path | None = None, progress: bool = True) -> list[float]:
     """Trains ``model.vision`` in place; returns the loss of every step."""
     tokenizer = ByteTokenizer()
-    grid = model.config.image_grid
     rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
-    folder = records.parent
-    head = RegionHead(model.config.mm_hidden_size, tokenizer.vocab_size)
+    head = CaptionHead(model.config.mm_hidden_size, tokenizer.vocab_size)
     params = [*model.vision.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -75,10 +72,14 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
         for group in optimizer.param_groups:  # warmup, then cosine to zero
             group["lr"] = lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
         picks = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
-        pixels = torch.stack([preprocess_image(Image.open(folder / rows[i]["image"]), model.config) for i in picks])
-        targets = torch.stack([cell_targets(rows[i]["regions"], grid, tokenizer) for i in picks])
-        logits = head(model.vision(pixels))
-        loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE)
+        pixels = torch.stack([preprocess_image(Image.open(records.parent / rows[i]["image"]), model.config) for i in picks])
+        targets = torch.stack([text_target(rows[i]["text"], tokenizer) for i in picks])
+        features = model.vision(pixels)  # [batch, cells, width]
+        cells = torch.rand(features.shape[:2], generator=generator).argsort(1)[:, :CELLS_PER_IMAGE]
+        chosen = features.gather(1, cells[..., None].expand(-1, -1, features.shape[-1]))
+        logits = head(chosen)  # [batch, CELLS_PER_IMAGE, MAX_CHARS, vocab]
+        loss = F.cross_entropy(logits.flatten(0, 2), targets[:, None].expand(-1, CELLS_PER_IMAGE, -1).flatten(),
+                               ignore_index=IGNORE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

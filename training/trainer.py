@@ -291,7 +291,7 @@ class Trainer:
                     values["eval_loss"] = self.evaluate()
                 if done == self.total_steps and self.eval_set is not None:
                     values["eval_loss"] = self.evaluate()
-                if done % config.log_every == 0 or "eval_loss" in values:
+                if done % config.log_every == 0 or done in (1, self.total_steps) or "eval_loss" in values:
                     metrics.write(done, values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
                 bar.update()
