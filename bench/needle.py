@@ -31,7 +31,7 @@ from training.synthetic import SIZE, episode
 
 def haystack(frames: int, trial: int):
     """A NeedleFrame episode's video frames without the needle, the needle, the quiz, the answer."""
-    ep, _ = episode("NeedleFrame", EVAL_SEED + 10_000 * frames + trial, difficulty="easy", memory_span=frames)
+    ep = episode("NeedleFrame", EVAL_SEED + 10_000 * frames + trial, difficulty="easy", memory_span=frames)
     *watched, quiz = ep.screens
     needle = next(k for k, s in enumerate(watched) if any(getattr(e, "label", "").startswith("The secret") for e in s.elements))
     others = watched[:needle] + watched[needle + 1 :]

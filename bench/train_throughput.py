@@ -42,7 +42,7 @@ CONFIGS = {
 def question_batch() -> list[Example]:
     out = []
     for k in range(16):
-        ep, _ = episode("ClickTarget", 50_000 + k, difficulty="easy")
+        ep = episode("ClickTarget", 50_000 + k, difficulty="easy")
         screen = ep.screens[0]
         out.append(Example(f"q{k}", (("user", f"<img><image></img>\n{screen.instruction}"), ("assistant", "click(500, 500)")),
                            (render(screen, SIZE, SIZE),)))
@@ -50,7 +50,7 @@ def question_batch() -> list[Example]:
 
 
 def episode_batch() -> list[Example]:
-    ep, _ = episode("RecallCode", 60_000, difficulty="easy", memory_span=16)
+    ep = episode("RecallCode", 60_000, difficulty="easy", memory_span=16)
     turns = []
     for t, screen in enumerate(ep.screens):
         turns += [("user", ("Reply with one action.\n" if t == 0 else "") + f"<img><image></img>\n{screen.instruction}"),

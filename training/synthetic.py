@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Iterator
 
 import gymnasium as gym
-import numpy as np
 from PIL import Image
 
 import envs  # noqa: F401  (registers the tasks)
@@ -38,11 +37,11 @@ COLOR_NAMES = {rgb: name for name, rgb in PALETTE.items()}
 SIZE = 336  # the envs' default screen, which the agent sees
 
 
-def episode(task: str, seed: int, **kwargs) -> tuple[Episode, gym.Env]:
-    """The episode that ``longllava/<task>-v0`` plays for ``seed``."""
+def episode(task: str, seed: int, **kwargs) -> Episode:
+    """The episode that ``longllava/<task>-v0`` plays for ``seed``: its screens and answer."""
     env = gym.make(f"longllava/{task}-v0", **kwargs)
     env.reset(seed=seed)
-    return env.unwrapped._episode, env.unwrapped
+    return env.unwrapped._episode
 
 
 def _centre(box: tuple[int, int, int, int]) -> tuple[int, int]:
@@ -144,33 +143,27 @@ def key_text(screen: Screen) -> str:
 
 def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> tuple[str, Episode]:
     task = rng.choices(list(weights), list(weights.values()))[0]
-    return task, episode(task, seed * 1_000_003 + k, **TASKS[task])[0]
+    return task, episode(task, seed * 1_000_003 + k, **TASKS[task])
+
+
+def _screens(seed: int, n: int, weights: dict[str, float]) -> Iterator[Screen]:
+    """``n`` screens, each drawn from an episode of a task picked by weight."""
+    rng = random.Random(seed)
+    for k in range(n):
+        _, ep = _draw(rng, seed, k, weights)
+        yield ep.screens[rng.randrange(len(ep.screens))]
 
 
 def screens(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
     """``n`` screens with their key text, for ``training.tower``."""
-    rng = random.Random(seed)
-
-    def records() -> Iterator[dict]:
-        for k in range(n):
-            _, ep = _draw(rng, seed, k, weights)
-            screen = ep.screens[rng.randrange(len(ep.screens))]
-            yield {"image": writer.image(screen), "text": key_text(screen)}
-
-    return writer.write("screens", records())
+    records = ({"image": writer.image(s), "text": key_text(s)} for s in _screens(seed, n, weights))
+    return writer.write("screens", records)
 
 
 def captions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
-    """``n`` screens from the weighted tasks, each with its caption."""
-    rng = random.Random(seed)
-
-    def records() -> Iterator[dict]:
-        for k in range(n):
-            _, ep = _draw(rng, seed, k, weights)
-            screen = ep.screens[rng.randrange(len(ep.screens))]
-            yield _qa("Describe the screen.", caption(screen), [writer.image(screen)])
-
-    return writer.write("captions", records())
+    """``n`` screens, each with its caption."""
+    records = (_qa("Describe the screen.", caption(s), [writer.image(s)]) for s in _screens(seed, n, weights))
+    return writer.write("captions", records)
 
 
 def questions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
@@ -211,13 +204,13 @@ def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tile
     def records() -> Iterator[dict]:
         for k in range(n):
             if rng.random() < tiles_share:
-                ep, _ = episode("ClickTarget", seed * 1_000_003 + k, difficulty="easy")
+                ep = episode("ClickTarget", seed * 1_000_003 + k, difficulty="easy")
                 yield {**_qa(ep.screens[0].instruction, format_action(ep.solution), [writer.image(ep.screens[0])]),
                        "tiles": True}
                 continue
             task = rng.choices(list(weights), list(weights.values()))[0]
             kwargs, spans = SEQUENCE_TASKS[task]
-            ep, _ = episode(task, seed * 1_000_003 + k, memory_span=rng.choice(spans), **kwargs)
+            ep = episode(task, seed * 1_000_003 + k, memory_span=rng.choice(spans), **kwargs)
             *watched, question = ep.screens
             answer = format_action(ep.solution)
             if task == "NeedleFrame":  # the frames as a video, then the quiz screen
@@ -235,10 +228,9 @@ def texts(writer: Writer, n: int, seed: int) -> Path:
     rng = random.Random(seed)
 
     def records() -> Iterator[dict]:
-        k = 0
         for k in range(n):
             task = rng.choice(["RecallCode", "ClickTarget"])
-            ep, _ = episode(task, seed * 1_000_003 + k, **TASKS[task])
+            ep = episode(task, seed * 1_000_003 + k, **TASKS[task])
             shown = "\n".join(caption(s) for s in ep.screens[:-1]) if task == "RecallCode" else caption(ep.screens[0])
             yield _qa(f"{shown}\n{ep.screens[-1].instruction}", format_action(ep.solution))
 

@@ -260,11 +260,10 @@ class Trainer:
         return loss_sum / max(count, 1)
 
     def _save(self, step: int, metrics: dict) -> None:
-        write = None
-        if self.rank == 0:
-            def write(path: Path) -> None:
-                save_training_state(path, self.model, self.optimizer, step, self.skipped_count)
-        self.checkpoints.save(step, metrics, write)
+        def write(path: Path) -> None:
+            save_training_state(path, self.model, self.optimizer, step, self.skipped_count)
+
+        self.checkpoints.save(step, metrics, write if self.rank == 0 else None)
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> Path:
