@@ -24,11 +24,11 @@ from .pipeline import EVAL_SEED
 SUITE = (
     ("RecallCode", {"difficulty": "easy", "memory_span": 50}, 1.0),
     ("ClickTarget", {"difficulty": "easy"}, 1.0),
-    ("RecallCode", {"difficulty": "easy", "memory_span": 100}, 0.5),
-    ("RecallCode", {"difficulty": "easy", "memory_span": 200}, 0.5),
-    ("RecallCode", {"difficulty": "easy", "memory_span": 500}, 0.25),
-    ("CountEvents", {"difficulty": "easy"}, 1.0),
-    ("OrderEvents", {"difficulty": "easy"}, 1.0),
+    ("RecallCode", {"difficulty": "easy", "memory_span": 100}, 0.25),
+    ("RecallCode", {"difficulty": "easy", "memory_span": 200}, 0.25),
+    ("RecallCode", {"difficulty": "easy", "memory_span": 500}, 0.15),
+    ("CountEvents", {"difficulty": "easy"}, 0.5),
+    ("OrderEvents", {"difficulty": "easy"}, 0.5),
     ("NeedleFrame", {"difficulty": "easy"}, 0.5),
 )
 

@@ -259,9 +259,14 @@ class Trainer:
         loss_sum, count = _all_sum([loss_sum, count], self.device)
         return loss_sum / max(count, 1)
 
+    def _skipped_total(self) -> int:
+        return int(_all_sum([self.skipped_count], self.device)[0])
+
     def _save(self, step: int, metrics: dict) -> None:
+        skipped = self._skipped_total()
+
         def write(path: Path) -> None:
-            save_training_state(path, self.model, self.optimizer, step, self.skipped_count)
+            save_training_state(path, self.model, self.optimizer, step, skipped)
 
         self.checkpoints.save(step, metrics, write if self.rank == 0 else None)
 
@@ -271,7 +276,8 @@ class Trainer:
         start = 0
         resume_from = self.checkpoints.latest()
         if resume_from is not None:
-            start, self.skipped_count = load_training_state(resume_from, self.model, self.optimizer)
+            start, skipped = load_training_state(resume_from, self.model, self.optimizer)
+            self.skipped_count = skipped if self.rank == 0 else 0  # the saved count is the run's total
             if self.rank == 0:
                 log.info("resuming %s stage at step %d from %s", config.stage, start, resume_from)
         metrics = Metrics(self.output_dir, self.rank == 0)
@@ -284,7 +290,7 @@ class Trainer:
                 values = self._train_step(step)
                 tokens_seen += values["tokens"]
                 values["tokens_per_s"] = tokens_seen / (time.perf_counter() - began)
-                values["skipped"] = self.skipped_count
+                values["skipped"] = self._skipped_total()
                 done = step + 1
                 if config.eval_every and done % config.eval_every == 0 and done < self.total_steps:
                     values["eval_loss"] = self.evaluate()

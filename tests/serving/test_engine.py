@@ -1,5 +1,5 @@
-"""The in-process Engine on the embedded default model (random weights: no checkpoint
-of LongLLaVA's size can exist here). Behaviour is checked against full recomputes."""
+"""The in-process Engine on the embedded default model's architecture with random weights
+(`default_model(pretrained=False)`): behaviour is checked against full recomputes."""
 
 import logging
 
@@ -17,7 +17,7 @@ from serving.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(default_model(), device="cpu")
+    return Engine(default_model(pretrained=False), device="cpu")
 
 
 def screenshot(seed: int, size=(160, 120)) -> np.ndarray:
@@ -91,9 +91,9 @@ def test_stop_strings_and_eos_end_generation(engine):
     assert reason == "stop" and cut == text[: text.index(stop)]
 
     # an engine whose LM head always prefers EOS stops at once, with no text
-    model = default_model()
-    with torch.no_grad():
-        model.llm.lm_head.weight[model.config.eos_token_ids[0]] = 100 * model.llm.final_layernorm.weight.sign()
+    model = default_model(pretrained=False)
+    eos = torch.nn.functional.one_hot(torch.tensor(model.config.eos_token_ids[0]), model.config.vocab_size) * 1e4
+    model.llm.lm_head.register_forward_hook(lambda module, inputs, logits: logits + eos)
     eos_engine = Engine(model, device="cpu")
     e = eos_engine.create()
     eos_engine.append(e, user_message([Text("hello")]))
@@ -178,9 +178,9 @@ def test_bad_input_is_refused_and_loses_nothing(engine):
         engine.append(s, [Image(PILImage.new("CMYK", (10, 10)))])
     with pytest.raises(ValueError, match="0"):
         engine.append(s, [Image(np.zeros((0, 10, 3), dtype=np.uint8))])
-    small = Engine(engine.model, max_chunk_tokens=100, device="cpu")
+    small = Engine(engine.model, max_chunk_tokens=20, device="cpu")
     t = small.create()
-    with pytest.raises(ValueError, match="max_chunk_tokens=100"):
+    with pytest.raises(ValueError, match="max_chunk_tokens=20"):
         small.append(t, [Image(screenshot(0))])
     assert small.session_info(t).length == 0
     assert engine.session_info(s) == before
@@ -216,7 +216,7 @@ def test_a_session_takes_one_request_at_a_time(engine):
 
 def test_engine_logs_its_kernels(caplog):
     with caplog.at_level(logging.INFO, logger="serving.engine"):
-        Engine(default_model(), device="cpu")
+        Engine(default_model(pretrained=False), device="cpu")
     assert any("kernels:" in r.message and "cpu" in r.message for r in caplog.records)
 
 
