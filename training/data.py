@@ -81,6 +81,15 @@ def _paths(value: Any, folder: Path, what: str) -> tuple[Path, ...]:
     return tuple(folder / p for p in items)
 
 
+def _videos(value: Any, folder: Path) -> tuple[tuple[Path, ...], ...]:
+    """One video (a list of frame paths) or several (a list of such lists)."""
+    if not value:
+        return ()
+    if isinstance(value, list) and all(isinstance(v, list) for v in value):
+        return tuple(_paths(v, folder, "'video'") for v in value)
+    return (_paths(value, folder, "'video'"),)
+
+
 def parse_record(raw: Any, folder: Path, fallback_id: str) -> Record:
     """A ``Record`` from one decoded JSON value, or ``BadRecord`` saying what is wrong."""
     if not isinstance(raw, dict):
@@ -101,10 +110,7 @@ def parse_record(raw: Any, folder: Path, fallback_id: str) -> Record:
     if turns[-1][0] != "assistant":
         raise BadRecord("the last turn must be an answer")
     images = _paths(raw.get("image", []), folder, "'image'")
-    video = raw.get("video", [])
-    videos = tuple(_paths(v, folder, "'video'") for v in video) if video and isinstance(video[0], list) else (
-        (_paths(video, folder, "'video'"),) if video else ()
-    )
+    videos = _videos(raw.get("video", []), folder)
     if any(not v for v in videos):
         raise BadRecord("a video needs at least one frame")
     text = "".join(t for _, t in turns)
