@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass
 from time import perf_counter
 
-from serving.sampling import SamplingParams
+from serving.types import SamplingParams
 
 from .actions import Action, ParsedAction, parse_action
 from .backend import Backend
@@ -74,7 +74,7 @@ class Agent:
         appended = self.backend.append(session, pieces, step=step)
         appended_at = perf_counter()
         try:
-            reply = self.backend.generate(session, self.sampling)
+            reply = self.backend.generate(session, self.sampling, step)
         except BaseException:
             self.backend.rollback(session, step - 1)  # a step happens whole or not at all
             raise

@@ -1,9 +1,10 @@
 """The backend protocol: where an agent's session lives, and the local implementation.
 
 An agent only ever calls these six methods, so a remote backend (an HTTP client of the
-Ray Serve app) can replace `LocalBackend` without a caller changing. Every append carries
-its step number (1-based), so a backend that retries a lost request can re-send it and the
-engine acknowledges, rather than repeats, a step it already applied.
+Ray Serve app) can replace `LocalBackend` without a caller changing. Every append and
+generate carries its step number (1-based), so a backend that retries a lost request can
+re-send it: the engine acknowledges a step it already applied, and re-sends a reply it
+already generated, rather than doing either twice.
 
 Sessions that do not exist (never created, or closed) raise a `KeyError`.
 """
@@ -15,18 +16,20 @@ from typing import Literal, Protocol, Sequence
 from pydantic import BaseModel
 
 from model.prompt import Piece
-from serving.engine import Engine, StepResult
-from serving.sampling import SamplingParams
+from serving.engine import Engine
+from serving.types import SamplingParams, StepResult
 
 
 class Generation(BaseModel):
     """One reply. `tokens` counts every token that joined the history, the ending one
-    included; `length` is the history's length after it."""
+    included (0 when the reply was already there and was re-sent); `length` is the
+    history's length after it."""
 
     text: str
     finish_reason: Literal["eos", "stop", "length"]  # EOS, a stop string, max_new_tokens
     tokens: int
     length: int
+    durable_step: int | None = None  # every step up to this one is in the checkpoint store
 
 
 class Backend(Protocol):
@@ -34,7 +37,7 @@ class Backend(Protocol):
 
     def append(self, session: str, pieces: Sequence[Piece], step: int) -> StepResult: ...
 
-    def generate(self, session: str, sampling: SamplingParams) -> Generation: ...
+    def generate(self, session: str, sampling: SamplingParams, step: int | None) -> Generation: ...
 
     def fork(self, session: str) -> str: ...
 
@@ -55,11 +58,13 @@ class LocalBackend:
     def append(self, session: str, pieces: Sequence[Piece], step: int) -> StepResult:
         return self.engine.append(session, pieces, step=step)
 
-    def generate(self, session: str, sampling: SamplingParams) -> Generation:
-        before = self.engine.session_info(session).length
-        text, finish = self.engine.generate_text(session, sampling)
-        after = self.engine.session_info(session).length
-        return Generation(text=text, finish_reason=finish, tokens=after - before, length=after)
+    def generate(self, session: str, sampling: SamplingParams, step: int | None) -> Generation:
+        events = list(self.engine.generate(session, sampling, step=step))
+        last = events[-1]
+        return Generation(
+            text="".join(e.text for e in events), finish_reason=last.finish_reason or "length",
+            tokens=last.tokens or 0, length=last.length or 0, durable_step=last.durable_step,
+        )
 
     def fork(self, session: str) -> str:
         return self.engine.fork(session)

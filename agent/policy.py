@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.engine import Engine
-from serving.sampling import SamplingParams
+from serving.types import SamplingParams
 
 from .actions import GRAMMAR_HELP
 from .agent import Agent

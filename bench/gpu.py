@@ -25,10 +25,13 @@ and the next one goes on:
    in ``--peer-seconds``, then its token-by-token path for a few tokens.
 7. ``attention_only``: a pure-attention model of the same width, depth and parameter count
    through the same 1000 steps of 144 tokens.
+8. ``checkpoint_144`` (between 4 and 5): 100 image steps with and without the durable
+   session log (pinned device-to-host copies, a writer thread on the local disk),
+   interleaved; then a restore from the log next to re-prefilling the same history.
 
 Floors: FLOPs over the measured matmul rate and bytes (weights, K/V read, states) over the
 measured copy bandwidth; the floor is the larger, and every timing is reported as a ratio
-to it. The GPU machine lacks pydantic: ``bench/gpu_wheels.sh`` says how to carry it.
+to it. The GPU machine lacks pydantic and fsspec: ``bench/gpu_wheels.sh`` says how to carry them.
 """
 
 from __future__ import annotations
@@ -465,6 +468,59 @@ def section_transformers(lm: HybridLM, tokens: int, seconds: float, checkpoints:
     }
 
 
+@torch.no_grad()
+def section_checkpoint(lm: HybridLM, tokens: int, steps: int) -> dict:
+    """What the checkpoint log costs the request path: two sessions take the same image
+    steps in turn, one plain and one whose every change is captured (copied into pinned
+    host memory, asynchronously) for the writer thread, which writes to a local directory.
+    Then the logged session is restored from its log, next to re-prefilling its history."""
+    import tempfile
+    from array import array
+
+    from model.prompt import IMAGE_TOKEN_INDEX
+    from model.state_codec import state_layout
+    from serving.checkpoint import CheckpointPolicy, CheckpointWriter, DirectoryStore, SessionLog, claim, model_fingerprint, restore
+    from serving.steps import StepTable
+
+    device = lm.device
+    store, writer, session = DirectoryStore(tempfile.mkdtemp(prefix="gpu-checkpoint-")), CheckpointWriter(), "gpu-bench-session"
+    store.create_session(session)
+    fingerprint = model_fingerprint(lm, "gpu-bench")
+    plain, logged = lm.new_state(max_snapshots=SNAPSHOTS), lm.new_state(max_snapshots=SNAPSHOTS)
+    log = SessionLog(store, writer, session, claim(store, session), fingerprint, state_layout(logged), CheckpointPolicy())
+    table, ids, obs = StepTable(), array("i"), observations(lm, tokens)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+
+    def step(state: SessionState, x: torch.Tensor, capture: bool) -> None:
+        state.snapshot()
+        lm.prefill(state, x, logits="last")
+        if capture:
+            ids.extend([IMAGE_TOKEN_INDEX] * tokens)
+            table.add(state.length, bytes(16))
+            table.extend_reply(state.length, "eos")
+            log.capture("generate", state, ids, table, table.last - 1)
+
+    for i in range(steps):
+        x = obs[i % len(obs)]
+        for mode in (("off", "on") if i % 2 else ("on", "off")):
+            times[mode].append(clock(lambda: step(logged if mode == "on" else plain, x, mode == "on"), device))
+    t = time.perf_counter()
+    log.wait()
+    drained_s = time.perf_counter() - t
+    t = time.perf_counter()
+    restored = restore(store, session, fingerprint, lambda: lm.new_state(max_snapshots=1))
+    restore_s = time.perf_counter() - t
+    writer.close()
+    reprefill_s = clock(lambda: history_state(lm, logged.length), device)
+    off, on = statistics.median(times["off"]) * 1e3, statistics.median(times["on"]) * 1e3
+    return {
+        "steps": steps, "tokens_per_image": tokens, "off_ms": off, "on_ms": on, "overhead": on / off - 1,
+        "writer_mb_s": writer.stats.bytes / 2**20 / writer.stats.busy_s, "bytes_per_step": writer.stats.bytes / steps,
+        "drain_after_last_step_s": drained_s, "restore_s": restore_s, "reprefill_s": reprefill_s,
+        "restored_equal": bool(torch.equal(restored.state.last_hidden.cpu(), logged.last_hidden.cpu())),
+    }
+
+
 def attention_only_config(hybrid: HybridLMConfig) -> HybridLMConfig:
     """Every layer attention, with the MLP widened so the parameter count matches the hybrid's."""
     def params(cfg: HybridLMConfig) -> int:
@@ -509,7 +565,7 @@ def table(results: dict) -> str:
         for s, a in r["at_step"].items():
             lines.append(f"| {s} | {a['ms']:.2f} | {a['floor_ms']:.2f} | {a['x_floor']:.2f} |")
         lines.append(f"growth {r['growth']:.2f}x (floor {r['floor_growth']:.2f}x); decode: {r.get('decode')}\n")
-    for key in ("targets", "capacity", "batched_decode", "decode_attention", "transformers", "vision", "kernel_parity", "model_parity", "errors"):
+    for key in ("targets", "capacity", "checkpoint_144", "batched_decode", "decode_attention", "transformers", "vision", "kernel_parity", "model_parity", "errors"):
         if key in results:
             lines.append(f"{key}: {json.dumps(results[key], default=str)}")
     return "\n".join(lines)
@@ -600,6 +656,8 @@ def main() -> None:
         return result
 
     section("capacity", capacity)
+    free(device)
+    section("checkpoint_144", lambda: section_checkpoint(lm, 144, min(steps, 100)))
     free(device)
 
     def batched() -> dict:

@@ -21,9 +21,8 @@ where `agent_args` are the strings given as `--agent-arg KEY=VALUE` on the rollo
 command line. A policy class whose constructor takes those arguments is its own factory.
 
 The model policy lives in agent/, which envs never imports otherwise: `--agent model`
-loads `agent.policy:ModelPolicy`, a factory as above, e.g. taking
-`--agent-arg checkpoint=...` or `--agent-arg url=...`. Writing that class is all a
-model policy needs; nothing in envs changes.
+loads `agent.policy:ModelPolicy`, a factory as above taking `--agent-arg model=PATH`,
+`device=...`, `max_new_tokens=...`, `temperature=...` and `top_p=...`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from agent/ and is the only path by which envs imports it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -132,7 +133,8 @@ def run_rollout(
                         policy=policy_name, reset_info=reset_info)
             r.writer = TrajectoryWriter(Path(out) / f"episode_{r.episode:06d}", meta)
 
-    bar = tqdm(total=episodes, unit="episode", disable=not progress, file=sys.stderr)
+    # env steps, not episodes: one long episode would otherwise sit at 0/1 until it ends
+    bar = tqdm(unit="step", disable=not progress, file=sys.stderr)
     try:
         policies += [factory(env_id=env_id, action_space=vector_env.single_action_space, **agent_args) for _ in range(num_envs)]
         running += [start(i) for i in range(num_envs)]
@@ -152,6 +154,7 @@ def run_rollout(
             batch, rewards, terminations, truncations, batch_info = vector_env.step(tuple(d.action for d in decisions))
             env_step_s = time.perf_counter() - tick
             result.steps += num_envs
+            bar.update(num_envs)
             finished = np.zeros(num_envs, dtype=bool)
             for i, (r, decision) in enumerate(zip(running, decisions)):
                 info = _unbatch(batch_info, i)
@@ -170,7 +173,6 @@ def run_rollout(
                         r.writer.finish(length=r.length, episode_return=r.episode_return, success=success, truncated=truncated)
                     if r.episode < episodes:
                         result.episodes.append(EpisodeResult(r.episode, r.seed, r.length, r.episode_return, success, truncated))
-                        bar.update()
             if finished.any() and len(result.episodes) < episodes:
                 for i in np.flatnonzero(finished):
                     running[i] = start(i)
@@ -180,7 +182,7 @@ def run_rollout(
                     observations[i], infos[i] = _unbatch(batch, i), _unbatch(batch_info, i)
                     record(running[i], infos[i])
             result.wall_s = time.perf_counter() - began
-            bar.set_postfix(steps_per_s=f"{result.steps_per_s:.0f}", refresh=False)
+            bar.set_postfix(episodes=f"{len(result.episodes)}/{episodes}", refresh=False)
     finally:
         bar.close()
         for r in running:
@@ -204,41 +206,15 @@ def _unbatch(batch: dict[str, Any], i: int) -> dict[str, Any]:
     return single
 
 
-def _key_values(pairs: list[str]) -> dict[str, Any]:
-    """["memory_span=100", "difficulty=hard"] -> {"memory_span": 100, "difficulty": "hard"}:
-    a value is read as JSON when it can be, else kept as a string."""
-    parsed = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {pair!r}")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m envs.rollout", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", required=True, help="a registered id, e.g. longllava/RecallCode-v0")
-    parser.add_argument("--agent", default="random", choices=sorted(POLICIES))
-    parser.add_argument("--episodes", type=int, default=10)
-    parser.add_argument("--num-envs", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="record trajectories under this directory")
-    parser.add_argument("--vectorization", choices=("sync", "async"), help="default: async for several envs")
-    parser.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help="env constructor argument")
-    parser.add_argument("--agent-arg", action="append", default=[], metavar="KEY=VALUE", help="policy factory argument")
+    parser = _parser()
     args = parser.parse_args(argv)
-    try:
-        load_policy(args.agent)  # fail early, with the reason, before any env starts
-    except (ImportError, AttributeError) as error:
-        parser.error(str(error))
+    env_kwargs, agent_args = dict(args.env_arg), dict(args.agent_arg)
+    _check(parser, args.env, env_kwargs, args.agent, agent_args)
     try:
         result = run_rollout(
             args.env, args.agent, args.episodes, args.num_envs, args.seed, args.out,
-            _key_values(args.env_arg), _key_values(args.agent_arg), args.vectorization, progress=True,
+            env_kwargs, agent_args, args.vectorization, progress=True,
         )
     except KeyboardInterrupt:
         print("interrupted; unfinished trajectories are marked incomplete", file=sys.stderr)
@@ -247,6 +223,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         print(f"trajectories in {args.out}")
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m envs.rollout", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", required=True, help="a registered id, e.g. longllava/RecallCode-v0")
+    parser.add_argument("--agent", default="random", choices=sorted(POLICIES))
+    parser.add_argument("--episodes", type=_positive_int, default=10)
+    parser.add_argument("--num-envs", type=_positive_int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="record trajectories under this directory")
+    parser.add_argument("--vectorization", choices=("sync", "async"), help="default: async for several envs")
+    parser.add_argument("--env-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help="env constructor argument")
+    parser.add_argument("--agent-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help="policy factory argument")
+    return parser
+
+
+def _key_value(pair: str) -> tuple[str, Any]:
+    """ "memory_span=100" -> ("memory_span", 100): a value is read as JSON when it can be,
+    else kept as a string."""
+    key, sep, value = pair.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {pair!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _check(parser: argparse.ArgumentParser, env_id: str, env_kwargs: dict, agent: str, agent_args: dict) -> None:
+    """Fail early, with the reason, before any vector env or model starts: the env id and
+    its arguments (one env is made and closed), and the policy and its arguments."""
+    try:
+        gym.make(env_id, **env_kwargs).close()
+    except gym.error.Error as error:
+        parser.error(f"--env {env_id}: {error}")
+    except (TypeError, ValueError) as error:
+        parser.error(f"--env-arg: {error}")
+    try:
+        factory = load_policy(agent)
+    except (ImportError, AttributeError) as error:
+        parser.error(str(error))
+    try:
+        inspect.signature(factory).bind(env_id=env_id, action_space=None, **agent_args)
+    except TypeError as error:
+        parser.error(f"--agent-arg for --agent {agent}: {error}")
 
 
 if __name__ == "__main__":

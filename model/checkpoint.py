@@ -15,6 +15,7 @@ on the meta device, so a 53B checkpoint never exists twice in memory.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -37,6 +38,10 @@ _PREFIXES = [
 ]
 # LongLLaVA loads its tower from mm_vision_tower and ignores tower weights in the checkpoint
 _IGNORED = "model.vision_tower."
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.moe\.experts\.(\d+)\.")
+
+Stored = dict[str, tuple[str, tuple[int, ...]]]  # stored key -> (its shard's file name, its shape)
 
 
 class CheckpointError(ValueError):
@@ -79,22 +84,57 @@ def _weight_files(path: Path) -> dict[str, list[str]]:
     raise CheckpointError(f"{path} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
 
 
-def read_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint under their stored names, checked against the index."""
-    tensors: dict[str, torch.Tensor] = {}
+def _stored_shapes(path: Path) -> Stored:
+    """Each stored key's shard and shape, from the safetensors headers: no tensor data is read."""
+    stored: Stored = {}
     for name, expected in _weight_files(path).items():
         file = path / name
         if not file.exists():
             raise CheckpointError(f"shard {file} named by the index is missing")
         try:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
+            with safe_open(str(file), framework="pt") as f:
                 keys = list(f.keys())
                 if expected and set(expected) != set(keys):
                     raise CheckpointError(f"shard {file} does not hold the keys its index lists")
-                for key in keys:
-                    tensors[key] = f.get_tensor(key)
+                stored.update({key: (name, tuple(f.get_slice(key).get_shape())) for key in keys})
         except SafetensorError as exc:
             raise CheckpointError(f"shard {file} is not a readable safetensors file: {exc}") from None
+    return stored
+
+
+def _check_structure(path: Path, config: LongLLaVAConfig, keys: list[str]) -> None:
+    """The config's layer and expert counts against the stored key names.
+
+    This runs before a model is built: the layers a config asks for are built first, so a
+    config saying 100000 layers over a 9-layer checkpoint took minutes and gigabytes to
+    reach the missing-parameter error. Every layer stores its feed-forward as experts
+    (a dense one as ``experts.0``).
+    """
+    layers = {int(m[1]) for key in keys if (m := _LAYER_KEY.match(key))}
+    if layers != set(range(config.num_hidden_layers)):
+        held = f"{len(layers)} (numbered {min(layers)} to {max(layers)})" if layers else "none"
+        raise CheckpointError(f"{path}: config.json says {config.num_hidden_layers} layers, but the weights hold {held}")
+    experts: dict[int, set[int]] = {}
+    for key in keys:
+        if m := _EXPERT_KEY.match(key):
+            experts.setdefault(int(m[1]), set()).add(int(m[2]))
+    for i in sorted(layers):
+        want, held = config.num_experts_of_layer(i), experts.get(i, set())
+        if held != set(range(want)):
+            raise CheckpointError(f"{path}: config.json gives layer {i} {want} experts, but the weights hold {len(held)}")
+
+
+def _read_tensors(path: Path, stored: Stored, device: torch.device | str) -> dict[str, torch.Tensor]:
+    by_shard: dict[str, list[str]] = {}
+    for key, (shard, _) in stored.items():
+        by_shard.setdefault(shard, []).append(key)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard, keys in by_shard.items():
+        try:
+            with safe_open(str(path / shard), framework="pt", device=str(device)) as f:
+                tensors.update({key: f.get_tensor(key) for key in keys})
+        except SafetensorError as exc:
+            raise CheckpointError(f"shard {path / shard} is not a readable safetensors file: {exc}") from None
     return tensors
 
 
@@ -112,7 +152,12 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> LongLLaVA:
-    """A ``LongLLaVA`` with every parameter from ``path`` (and the tower's directory)."""
+    """A ``LongLLaVA`` with every parameter from ``path`` (and the tower's directory).
+
+    Cheap checks come first, so a checkpoint that cannot fit its config fails in
+    milliseconds: the layer and expert counts against the stored names, then every name
+    and shape against a model built on the meta device. Tensor data is read last.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json")
@@ -120,35 +165,38 @@ def load_checkpoint(
         config = LongLLaVAConfig.from_json_file(path / "config.json")
     except ValueError as exc:
         raise CheckpointError(f"{path / 'config.json'} is not a valid LongLLaVA config: {exc}") from None
+    stored = {key: value for key, value in _stored_shapes(path).items() if not key.startswith(_IGNORED)}
+    _check_structure(path, config, list(stored))
 
     tower_dir = _resolve_tower(path, config, vision_tower_path)
     if tower_dir is None:
         raise CheckpointError(f"{path}: no vision tower (set mm_vision_tower in config.json or pass vision_tower_path)")
     vision = VisionEncoder.from_directory(tower_dir, config)
-    ours: dict[str, torch.Tensor] = {}
-    for key, value in read_weights(path, device).items():
-        if key.startswith(_IGNORED):
-            continue
+    with torch.device("meta"):  # parameters are assigned from the files below, never initialised
+        model = LongLLaVA(config, vision=vision)
+    names = _check_names_and_shapes(path, model, stored)
+    tensors = _read_tensors(path, stored, device)
+    model.load_state_dict({names[key]: value for key, value in tensors.items()}, strict=False, assign=True)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def _check_names_and_shapes(path: Path, model: LongLLaVA, stored: Stored) -> dict[str, str]:
+    """Each stored key's parameter name in ``model``, once every one is known and has its shape."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
+    names = {}
+    for key, (_, shape) in stored.items():
         mine = from_longllava_key(key)
         if mine is None:
             raise CheckpointError(f"{path}: unexpected parameter {key!r}")
-        ours[mine] = value
-    with torch.device("meta"):  # parameters are assigned from the files below, never initialised
-        model = LongLLaVA(config, vision=vision)
-
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
-    missing = sorted(set(expected) - set(ours))
+        if mine not in expected:
+            raise CheckpointError(f"{path}: parameter {key!r} does not belong to this config")
+        if shape != tuple(expected[mine].shape):
+            raise CheckpointError(f"{path}: {key} has shape {shape}, the config needs {tuple(expected[mine].shape)}")
+        names[key] = mine
+    missing = sorted(set(expected) - set(names.values()))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} parameters are missing, e.g. {missing[:3]}")
-    for key, value in ours.items():
-        if key not in expected:
-            raise CheckpointError(f"{path}: parameter {to_longllava_key(key)!r} does not belong to this config")
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{path}: {to_longllava_key(key)} has shape {tuple(value.shape)}, the config needs {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict(ours, strict=False, assign=True)
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return names
 
 
 # ---------------------------------------------------------------------------- writing

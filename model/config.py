@@ -12,7 +12,13 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Counts that multiply the modules a model builds, capped far above any real model (the
+# largest LLMs have about 130 layers and 400 experts), so a typo fails at validation
+# rather than minutes into building a model.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1024
 
 
 class HybridLMConfig(BaseModel):
@@ -23,14 +29,14 @@ class HybridLMConfig(BaseModel):
     vocab_size: int = Field(65536, gt=0)
     hidden_size: int = Field(4096, gt=0)
     intermediate_size: int = Field(14336, gt=0)
-    num_hidden_layers: int = Field(32, gt=0)
+    num_hidden_layers: int = Field(32, gt=0, le=MAX_LAYERS)
     num_attention_heads: int = Field(32, gt=0)
     num_key_value_heads: int = Field(8, gt=0)
     hidden_act: Literal["silu"] = "silu"
     rms_norm_eps: float = Field(1e-6, gt=0)
     tie_word_embeddings: bool = False
 
-    num_experts: int = Field(16, gt=0)
+    num_experts: int = Field(16, gt=0, le=MAX_EXPERTS)
     num_experts_per_tok: int = Field(2, gt=0)
     expert_layer_period: int = Field(2, gt=0)
     expert_layer_offset: int = Field(1, ge=0)
@@ -103,7 +109,7 @@ class VisionConfig(BaseModel):
 
     hidden_size: int = Field(1024, gt=0)
     intermediate_size: int = Field(4096, gt=0)
-    num_hidden_layers: int = Field(24, gt=0)
+    num_hidden_layers: int = Field(24, gt=0, le=MAX_LAYERS)
     num_attention_heads: int = Field(16, gt=0)
     image_size: int = Field(336, gt=0)
     patch_size: int = Field(14, gt=0)
@@ -142,14 +148,25 @@ class LongLLaVAConfig(HybridLMConfig):
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "LongLLaVAConfig":
+        """The config in ``path``; a bad one raises ValueError with one line per wrong field."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: config.json must hold a JSON object")
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError("; ".join(_describe(error) for error in exc.errors())) from None
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as ``field: message (got value)``, the value cut short."""
+    where = ".".join(str(part) for part in error["loc"])
+    got = "" if not where else f" (got {str(error['input'])[:40]})"
+    return f"{where + ': ' if where else ''}{error['msg']}{got}"

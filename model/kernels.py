@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 # ----------------------------------------------------------------------------- conv1d
@@ -179,6 +178,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 def _lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SDPA with a lower-right causal mask. On CUDA its flash kernel takes that mask and GQA
     natively, so nothing of size ``Lq x S`` is built and K/V are not repeated per head."""
+    from torch.nn.attention.bias import causal_lower_right  # imports torch._dynamo: 1.5 s, so only when used
+
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]), enable_gqa=True)
 
 

@@ -276,11 +276,14 @@ class HybridLM(nn.Module):
         for layer in self.layers:
             h = layer(h, state)
         state.length += embeds.shape[1]
+        state.last_hidden = h[0, -1:].clone()
         if logits == "none":
             return None
-        h = h[0, -1:] if logits == "last" else h[0]
-        out = self.lm_head(self.final_layernorm(h))
-        return out[0] if logits == "last" else out
+        return self.head(state.last_hidden)[0] if logits == "last" else self.head(h[0])
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from hidden rows ``[n, hidden]`` (outputs of the last block): final norm and LM head."""
+        return self.lm_head(self.final_layernorm(hidden))
 
     def decode(self, batch: DecodeBatch, embeds: torch.Tensor) -> torch.Tensor:
         """One token for every session of ``batch``: ``embeds`` is ``[batch, hidden]``.
@@ -292,8 +295,8 @@ class HybridLM(nn.Module):
         h = embeds.to(self.dtype).unsqueeze(1)
         for layer in self.layers:
             h = layer(h, batch)
-        batch.advance()
-        return self.lm_head(self.final_layernorm(h[:, 0]))
+        batch.advance(h[:, 0])
+        return self.head(h[:, 0])
 
     def forward_batch(self, embeds: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
         """The final-normed hidden states ``[batch, L, hidden]`` of whole sequences ``embeds

@@ -77,3 +77,6 @@ class LongLLaVA(nn.Module):
 
     def decode(self, batch: DecodeBatch, embeds: torch.Tensor) -> torch.Tensor:
         return self.llm.decode(batch, embeds)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.head(hidden)

@@ -30,7 +30,8 @@ IMAGE_MARKUP = f"<img>{IMAGE_PLACEHOLDER}</img>"
 VIDEO_START, FRAME_SEPARATOR, VIDEO_END = "<vid>", "<t>", "</vid>"
 
 MAX_IMAGE_PIXELS = 64_000_000  # 64 megapixels; larger inputs are refused, not silently shrunk
-_ACCEPTED_MODES = ("RGB", "RGBA", "L", "LA", "P")
+MAX_TILES = 64  # per high-resolution image; each tile costs as many tokens as an image
+WHITE = (255, 255, 255)
 
 
 # ---------------------------------------------------------------------------- template
@@ -71,7 +72,16 @@ def highres_markup(rows: int, cols: int) -> str:
 
 # ---------------------------------------------------------------------------- images
 def as_rgb(image: Any, name: str = "image") -> PILImage.Image:
-    """A PIL image or uint8 array (HxW, HxWx3, HxWx4) as an RGB PIL image, or a clear error."""
+    """A PIL image or uint8 array (HxW, HxWx3, HxWx4) as an RGB PIL image, or a clear error.
+
+    Every PIL mode Pillow can convert is accepted: CMYK, YCbCr, LAB and HSV through Pillow's
+    conversions; 16-bit grayscale (``I;16``, as 16-bit PNGs open) scaled to 8 bits; 32-bit
+    ``I`` and ``F`` on Pillow's own 0-255 scale, clipped. Transparency (an alpha channel,
+    HxWx4 arrays included, or a palette's transparent colour) is composited onto white, as
+    an image shows on a white page, so what was transparent does not come out as whatever
+    colour the hidden pixels hold. The size is checked before the pixels are decoded, so an
+    oversized file fails at once; a file that cannot be decoded fails with the decoder's reason.
+    """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"{name}: image arrays must be uint8, got {image.dtype}")
@@ -79,8 +89,6 @@ def as_rgb(image: Any, name: str = "image") -> PILImage.Image:
             raise ValueError(f"{name}: image arrays must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
         height, width = image.shape[:2]
     elif isinstance(image, PILImage.Image):
-        if image.mode not in _ACCEPTED_MODES:
-            raise ValueError(f"{name}: unsupported image mode {image.mode!r}; expected one of {_ACCEPTED_MODES}")
         width, height = image.size
     else:
         raise TypeError(f"{name}: expected a PIL.Image or a uint8 numpy array, got {type(image).__name__}")
@@ -90,7 +98,26 @@ def as_rgb(image: Any, name: str = "image") -> PILImage.Image:
         raise ValueError(f"{name}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS}")
     if isinstance(image, np.ndarray):
         image = PILImage.fromarray(np.ascontiguousarray(image))
-    return image if image.mode == "RGB" else image.convert("RGB")
+    try:
+        image.load()
+    except (OSError, SyntaxError) as exc:  # Pillow's decoders report broken data as either
+        raise ValueError(f"{name}: the image cannot be decoded: {exc}") from None
+    try:
+        return _to_rgb(image)
+    except ValueError as exc:
+        raise ValueError(f"{name}: unsupported image mode {image.mode!r}: {exc}") from None
+
+
+def _to_rgb(image: PILImage.Image) -> PILImage.Image:
+    if image.mode.startswith("I;16"):  # Pillow's own conversion would clip at 255, not scale
+        samples = np.asarray(image).astype(np.uint32)
+        image = PILImage.fromarray(((samples + 128) // 257).astype(np.uint8))  # 65535 -> 255
+    if not image.has_transparency_data:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    rgba = image.convert("RGBA")
+    page = PILImage.new("RGB", rgba.size, WHITE)
+    page.paste(rgba, mask=rgba.getchannel("A"))
+    return page
 
 
 def tile_image(
@@ -103,11 +130,13 @@ def tile_image(
     white canvas of whole tiles (upstream pads ``diff // 2`` on both sides and so comes up a
     pixel short on odd differences; we pad to exactly whole tiles) and cut row-major.
     Returns ``(global_image, tiles, rows, cols)``; the global image is the unshrunk input.
+    The canvas is held to ``MAX_IMAGE_PIXELS`` like any image, so its cost is bounded by
+    ``max_tiles`` (at most ``MAX_TILES``) and ``tile``, whatever the input's shape.
     """
     if tile < 1:
         raise ValueError(f"tile must be a positive pixel size, got {tile}")
-    if max_tiles < 1:
-        raise ValueError(f"max_tiles must be at least 1, got {max_tiles}")
+    if not 1 <= max_tiles <= MAX_TILES:
+        raise ValueError(f"max_tiles must be between 1 and {MAX_TILES}, got {max_tiles}")
     original = as_rgb(image)
     width, height = original.size
     if math.ceil(width / tile) * math.ceil(height / tile) > max_tiles:
@@ -119,13 +148,15 @@ def tile_image(
                 fits.append((width * r * tile // height, r * tile))
             else:
                 fits.append((c * tile, height * c * tile // width))
-        w, h = max(fits, key=lambda size: size[0] * size[1])
-        resized = original.resize((max(w, 1), max(h, 1)), PILImage.BICUBIC)
+        fits = [(max(w, 1), max(h, 1)) for w, h in fits]  # a sliver keeps one pixel across
+        resized = original.resize(max(fits, key=lambda size: size[0] * size[1]), PILImage.BICUBIC)
     else:
         resized = original
     width, height = resized.size
     rows, cols = math.ceil(height / tile), math.ceil(width / tile)
-    canvas = PILImage.new("RGB", (cols * tile, rows * tile), (255, 255, 255))
+    if rows * cols * tile * tile > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{rows}x{cols} tiles of {tile} px is over the limit of {MAX_IMAGE_PIXELS} pixels")
+    canvas = PILImage.new("RGB", (cols * tile, rows * tile), WHITE)
     canvas.paste(resized, ((cols * tile - width) // 2, (rows * tile - height) // 2))
     boxes = [(c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(rows) for c in range(cols)]
     tiles = [canvas.crop(box) for box in boxes]

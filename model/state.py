@@ -4,10 +4,15 @@ Per Mamba layer a fixed-size conv and SSM state; per attention layer an append-o
 cache; plus the token count. A step costs only its new tokens because ``prefill`` appends
 onto this object instead of re-reading the history.
 
+The state also keeps ``last_hidden``, the last position's output before the final norm:
+the next token's logits are ``model.head(last_hidden)``, so a restored or rolled-back
+session generates exactly what the live one would, from a few KB rather than a
+vocabulary-sized row of logits.
+
 Rollback needs the Mamba states as they were at the target length, which cannot be
-recomputed backwards. ``snapshot()`` saves them (a few hundred KB to a few tens of MB), and a
-bounded ring of snapshots is kept; K/V is simply truncated. Serialisation lives in
-``model.state_codec``.
+recomputed backwards. ``snapshot()`` saves them with ``last_hidden`` (a few hundred KB to a
+few tens of MB), and a bounded ring of snapshots is kept; K/V is simply truncated.
+Serialisation lives in ``model.state_codec``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ class _KVBuffer:
     def capacity(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
 
 class KVCache:
     """The K/V rows of one attention layer: ``[1, kv_heads, length, head_dim]`` each."""
@@ -83,6 +92,11 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def reserved_nbytes(self) -> int:
+        """Bytes of the whole buffer this cache writes into, headroom included."""
+        return self._buf.nbytes
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append rows and return the whole cache (views, no copy of the history)."""
@@ -145,8 +159,16 @@ class KVCache:
         return moved
 
 
+@dataclass(frozen=True)
+class _Point:
+    """What a rollback to some length restores besides truncating K/V."""
+
+    mamba: dict[int, MambaLayerState]
+    last_hidden: torch.Tensor | None
+
+
 class SessionState:
-    """One session's memory: Mamba states, K/V caches and the token count.
+    """One session's memory: Mamba states, K/V caches, the token count and the last hidden row.
 
     Create it with ``SessionState.empty(config)`` and grow it with the model's ``prefill``.
     """
@@ -157,12 +179,16 @@ class SessionState:
         kv: dict[int, KVCache],
         length: int = 0,
         max_snapshots: int = 64,
+        last_hidden: torch.Tensor | None = None,
+        hidden_size: int = 0,
     ):
         self.mamba = mamba
         self.kv = kv
         self.length = length
+        self.hidden_size = hidden_size
+        self.last_hidden = last_hidden  # [1, hidden]: the last position's output before the final norm
         self.max_snapshots = max_snapshots
-        self._snapshots: OrderedDict[int, dict[int, MambaLayerState]] = OrderedDict()
+        self._snapshots: OrderedDict[int, _Point] = OrderedDict()
         self.in_decode_batch = False  # its Mamba states are slots of an open DecodeBatch
 
     @classmethod
@@ -183,17 +209,25 @@ class SessionState:
         kv = {
             i: KVCache(config.num_key_value_heads, config.head_dim, dtype, device) for i in config.attention_layers
         }
-        return cls(mamba, kv, 0, max_snapshots)
+        return cls(mamba, kv, 0, max_snapshots, hidden_size=config.hidden_size)
 
     # ---------------------------------------------------------------- size and placement
     @property
     def nbytes(self) -> int:
-        """Bytes of live state: K/V rows in use plus Mamba states (snapshots excluded)."""
-        return sum(c.nbytes for c in self.kv.values()) + sum(m.nbytes for m in self.mamba.values())
+        """Bytes of live state: K/V rows in use, Mamba states and the last hidden row (snapshots excluded)."""
+        hidden = 0 if self.last_hidden is None else self.last_hidden.nbytes
+        return sum(c.nbytes for c in self.kv.values()) + sum(m.nbytes for m in self.mamba.values()) + hidden
 
     @property
     def snapshot_nbytes(self) -> int:
-        return sum(m.nbytes for snap in self._snapshots.values() for m in snap.values())
+        return sum(m.nbytes for p in self._snapshots.values() for m in p.mamba.values())
+
+    @property
+    def resident_nbytes(self) -> int:
+        """What keeping this state costs in memory: whole K/V buffers (headroom included,
+        a shared buffer counted in full), Mamba states, snapshots and the hidden row."""
+        kv = sum(c.reserved_nbytes - c.nbytes for c in self.kv.values())
+        return self.nbytes + kv + self.snapshot_nbytes
 
     @property
     def device(self) -> torch.device:
@@ -203,12 +237,14 @@ class SessionState:
     def to(self, device: torch.device | str) -> "SessionState":
         """A copy of this state on ``device`` (snapshots included)."""
 
-        def move(snap: dict[int, MambaLayerState]) -> dict[int, MambaLayerState]:
-            return {i: MambaLayerState(m.conv.to(device), m.ssm.to(device)) for i, m in snap.items()}
+        def move(p: _Point) -> _Point:
+            hidden = None if p.last_hidden is None else p.last_hidden.to(device)
+            return _Point({i: MambaLayerState(m.conv.to(device), m.ssm.to(device)) for i, m in p.mamba.items()}, hidden)
 
-        moved = SessionState(move(self.mamba), {i: c.to(device) for i, c in self.kv.items()}, self.length)
-        moved.max_snapshots = self.max_snapshots
-        moved._snapshots = OrderedDict((n, move(s)) for n, s in self._snapshots.items())
+        live = move(_Point(self.mamba, self.last_hidden))
+        kv = {i: c.to(device) for i, c in self.kv.items()}
+        moved = SessionState(live.mamba, kv, self.length, self.max_snapshots, live.last_hidden, self.hidden_size)
+        moved._snapshots = OrderedDict((n, move(p)) for n, p in self._snapshots.items())
         return moved
 
     # ----------------------------------------------------------- fork, snapshot, rollback
@@ -220,13 +256,16 @@ class SessionState:
             {i: c.fork() for i, c in self.kv.items()},
             self.length,
             self.max_snapshots,
+            None if self.last_hidden is None else self.last_hidden.clone(),
+            self.hidden_size,
         )
         child._snapshots = OrderedDict(self._snapshots)
         return child
 
     def snapshot(self) -> None:
         """Remember the Mamba states at the current length, so ``rollback`` can return here."""
-        self._snapshots[self.length] = {i: m.clone() for i, m in self.mamba.items()}
+        hidden = None if self.last_hidden is None else self.last_hidden.clone()
+        self._snapshots[self.length] = _Point({i: m.clone() for i, m in self.mamba.items()}, hidden)
         self._snapshots.move_to_end(self.length)
         while len(self._snapshots) > self.max_snapshots:
             self._snapshots.popitem(last=False)
@@ -238,6 +277,9 @@ class SessionState:
     @property
     def snapshot_lengths(self) -> list[int]:
         return sorted(self._snapshots)
+
+    def can_rollback(self, length: int) -> bool:
+        return length in (0, self.length) or length in self._snapshots
 
     def rollback(self, length: int) -> None:
         """Return to an earlier length: 0, or one that has a snapshot. Later snapshots are dropped."""
@@ -251,12 +293,27 @@ class SessionState:
                 f"no snapshot at length {length}; rollback targets are 0 and {self.snapshot_lengths} "
                 f"(the last {self.max_snapshots} snapshots are kept)"
             )
+        if length == 0:  # the empty history: zero states, as at creation
+            zeros = {i: MambaLayerState(m.conv.new_zeros(m.conv.shape), m.ssm.new_zeros(m.ssm.shape)) for i, m in self.mamba.items()}
+            self.rewind(0, zeros, None)
+        else:
+            point = self._snapshots[length]
+            hidden = None if point.last_hidden is None else point.last_hidden.clone()
+            self.rewind(length, {i: m.clone() for i, m in point.mamba.items()}, hidden)
+
+    def rewind(self, length: int, mamba: dict[int, MambaLayerState], last_hidden: torch.Tensor | None) -> None:
+        """Truncate to ``length`` tokens and take ``mamba`` and ``last_hidden`` as the states
+        there: the states must be those this history had at that length (from a snapshot,
+        or a checkpoint log). Later snapshots are dropped."""
+        self.check_not_batched("rolled back")
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind from {self.length} to {length} tokens")
+        if mamba.keys() != self.mamba.keys():
+            raise ValueError("rewind needs a Mamba state for exactly this state's Mamba layers")
         for cache in self.kv.values():
             cache.truncate(length)
-        if length == 0:  # the empty history: zero states, as at creation
-            self.mamba = {i: MambaLayerState(m.conv.new_zeros(m.conv.shape), m.ssm.new_zeros(m.ssm.shape)) for i, m in self.mamba.items()}
-        else:
-            self.mamba = {i: m.clone() for i, m in self._snapshots[length].items()}
+        self.mamba = mamba
+        self.last_hidden = last_hidden
         for n in [n for n in self._snapshots if n > length]:
             del self._snapshots[n]
         self.length = length
@@ -297,10 +354,11 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.states)
 
-    def advance(self) -> None:
-        """Every session grew by one token."""
-        for s in self.states:
+    def advance(self, hidden: torch.Tensor) -> None:
+        """Every session grew by one token; ``hidden [batch, hidden]`` are their last rows."""
+        for j, s in enumerate(self.states):
             s.length += 1
+            s.last_hidden = hidden[j : j + 1].clone()
 
     def close(self) -> None:
         for s in self.states:

@@ -1,9 +1,10 @@
 """The vision path: CLIP preprocessing, the CLIP ViT tower, 2D pooling and the projector.
 
 An image becomes ``image_tokens`` rows in the LLM's width: pad to a square with the mean
-colour, resize to 336 px, run CLIP, take ``hidden_states[-2]`` without CLS (a 24x24
-grid), resize that grid bilinearly to 12x12 (144 tokens) or 6x6 (36), and project with
-Linear-GELU-Linear. This is LongLLaVA's ``resamplePooling="2d"`` path.
+colour, resize to 336 px (near-equal, cheaper steps for elongated images), run CLIP, take
+``hidden_states[-2]`` without CLS (a 24x24 grid), resize that grid bilinearly to 12x12
+(144 tokens) or 6x6 (36), and project with Linear-GELU-Linear. This is LongLLaVA's
+``resamplePooling="2d"`` path.
 """
 
 from __future__ import annotations
@@ -28,31 +29,67 @@ def _image_size(config: LongLLaVAConfig) -> int:
     return (config.vision_config or VisionConfig()).image_size
 
 
+# Both reference steps below can make an intermediate image far larger than the input or
+# the output: padding a 1x40000 image gives a 1.6-gigapixel square, and resizing its
+# shortest edge to 336 px gives 336x13,440,000. Up to this factor over the larger of the
+# input and the output, the exact reference step runs; beyond it, a cheap near-equivalent.
+_INTERMEDIATE_FACTOR = 4
+
+
 def preprocess_image(image: Any, config: LongLLaVAConfig) -> torch.Tensor:
     """A PIL image or uint8 array to normalised ``[3, S, S]`` float32 pixels, as CLIP's processor.
 
     "pad" (LongLLaVA's setting) first centres the image on a square of the mean colour;
     both modes then resize the shortest edge to S (bicubic) and centre-crop, which for the
-    padded square is a plain resize.
+    padded square is a plain resize. For ordinary shapes the pixels are exactly those of
+    CLIP's processor; an elongated image takes the shortcuts of ``_pad_to_square`` and
+    ``_resize_and_crop``, so that its cost stays within a few times its own or the output's size.
     """
     rgb = as_rgb(image)
     size = _image_size(config)
-    width, height = rgb.size
-    if config.image_aspect_ratio == "pad" and width != height:
-        side = max(width, height)
-        square = PILImage.new("RGB", (side, side), tuple(int(m * 255) for m in config.image_mean))
-        square.paste(rgb, ((side - width) // 2, (side - height) // 2))
-        rgb, width, height = square, side, side
-    long = int(size * max(width, height) / min(width, height))  # transformers' shortest-edge rounding
-    width, height = (size, long) if width <= height else (long, size)
-    rgb = rgb.resize((width, height), PILImage.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
-    rgb = rgb.crop((left, top, left + size, top + size))
-
+    if config.image_aspect_ratio == "pad":
+        rgb = _pad_to_square(rgb, size, tuple(int(m * 255) for m in config.image_mean))
+    rgb = _resize_and_crop(rgb, size)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
     return ((pixels - mean) / std).contiguous()
+
+
+def _costly(intermediate_pixels: int, rgb: PILImage.Image, size: int) -> bool:
+    return intermediate_pixels > _INTERMEDIATE_FACTOR * max(rgb.width * rgb.height, size * size)
+
+
+def _pad_to_square(rgb: PILImage.Image, size: int, fill: tuple[int, ...]) -> PILImage.Image:
+    """The image centred on a square of ``fill``. When that square would be costly, the
+    image is first shrunk so that its long side is ``size``: the square is then the output
+    itself, and the picture differs from padding first only in how its edges blend into the fill."""
+    width, height = rgb.size
+    if width == height:
+        return rgb
+    side = max(width, height)
+    if _costly(side * side, rgb, size):
+        rgb = rgb.resize((max(1, round(width * size / side)), max(1, round(height * size / side))), PILImage.BICUBIC)
+        width, height, side = *rgb.size, size
+    square = PILImage.new("RGB", (side, side), fill)
+    square.paste(rgb, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def _resize_and_crop(rgb: PILImage.Image, size: int) -> PILImage.Image:
+    """CLIP's shortest edge to ``size`` and centre crop. When the resized image would be
+    costly, only the window the crop keeps is resampled (Pillow's ``box``: the exact window
+    up to the float32 rounding of its corners)."""
+    width, height = rgb.size
+    short = min(width, height)
+    long = int(size * max(width, height) / short)  # transformers' shortest-edge rounding
+    resized = (size, long) if width <= height else (long, size)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    if _costly(resized[0] * resized[1], rgb, size):
+        sx, sy = width / resized[0], height / resized[1]
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return rgb.resize((size, size), PILImage.BICUBIC, box=box)
+    return rgb.resize(resized, PILImage.BICUBIC).crop((left, top, left + size, top + size))
 
 
 def pool_image_features(features: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -1,112 +1,49 @@
 """The in-process Engine: sessions whose history lives in a recurrent state.
 
 Used directly by tests and by the agent's local backend, and inside each Ray Serve replica.
-A session is a ``SessionState`` plus its step boundaries. ``append`` adds an observation
-(text, images, video frames) as one step and costs only the new tokens; ``generate``
-streams tokens and extends the current step with them; ``fork`` and ``rollback`` work on
-step numbers.
+``append`` adds an observation (text, images, video frames) as one step and costs only the
+new tokens; ``generate`` streams tokens and extends the current step with them; ``fork``
+and ``rollback`` work on step numbers.
 
-Step numbers travel with appends: passing ``step=n`` makes a re-sent append idempotent
-(the step already applied is acknowledged, not applied twice), which is what a remote
-backend needs when it retries.
+The Engine is thin: input processing (``inputs``) renders, counts and encodes an
+observation; the session table (``sessions``) finds, locks, restores and evicts sessions;
+the decode loop (``generation``) batches generation across sessions; output processing
+(``outputs``) turns tokens into text. With a checkpoint store, every change is logged as
+it happens (``checkpoint``) and replies say which steps are durable.
+
+Step numbers make retries safe (see ``serving.steps`` for the rules): ``append(step=n)``
+acknowledges a re-sent observation instead of applying it twice, and
+``generate(step=n)`` re-sends a reply already in the history instead of adding another.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import secrets
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
-from pydantic import BaseModel
 
 from model import ops
 from model.checkpoint import load_checkpoint
 from model.default import default_model
 from model.longllava import LongLLaVA
-from model.prompt import Piece, Text, render_pieces
-from model.state import DecodeBatch, SessionState
-from model.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer, tokenize_prompt
+from model.prompt import Piece
+from model.state_codec import recurrent_from, state_layout
+from model.state import SessionState
+from model.tokenizer import Tokenizer, load_tokenizer
 
-from .sampling import SamplingParams, find_stop, sample_batch
+from .checkpoint import CheckpointPolicy, DirectoryStore, model_fingerprint, read_point
+from .errors import StepGapError
+from .generation import DecodeLoop, Request
+from .inputs import InputProcessor
+from .outputs import OutputStream
+from .sessions import Session, SessionTable
+from .types import SamplingParams, SessionInfo, StepResult, TokenEvent
 
 log = logging.getLogger(__name__)
-
-
-class UnknownSessionError(KeyError):
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.args[0]
-
-
-class SessionBusyError(RuntimeError):
-    """Another call is using this session; sessions take one request at a time."""
-
-
-class StepResult(BaseModel):
-    session: str
-    step: int  # steps appended so far; the one just applied or acknowledged
-    tokens: int  # tokens this call added (0 for an acknowledged re-send)
-    length: int  # tokens in the session's history
-
-
-class TokenEvent(BaseModel):
-    """One streamed token and the text it completes (possibly empty: a partial character,
-    or text that may still turn into a stop string). The last event carries no token and
-    sets ``finish_reason``; a token that ends generation (EOS, a stop string) is not streamed."""
-
-    token_id: int | None = None
-    text: str = ""
-    finish_reason: Literal["eos", "stop", "length"] | None = None  # EOS, a stop string, max_new_tokens
-
-
-@dataclass
-class _Session:
-    state: SessionState
-    step_ends: list[int] = field(default_factory=lambda: [0])  # history length at the end of each step
-    next_logits: torch.Tensor | None = None  # logits after the last token: where generation starts
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def step(self) -> int:
-        return len(self.step_ends) - 1
-
-
-class _Generation:
-    """One session's side of a generation: sampling state, detokenising and stop strings."""
-
-    def __init__(self, engine: "Engine", sampling: SamplingParams):
-        self.sampling = sampling
-        self.rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        self.decoder = IncrementalDecoder(engine.tokenizer)
-        self.eos = set() if sampling.ignore_eos else set(engine.model.config.eos_token_ids)
-        self.hold = max((len(x) for x in sampling.stop), default=1) - 1  # text that may still become a stop string
-        self.text, self.sent, self.count = "", 0, 0
-        self.finish: Literal["eos", "stop", "length"] | None = None
-
-    def accept(self, token: int) -> list[TokenEvent]:
-        """The events for a token that has just joined the history; the last one ends it."""
-        self.count += 1
-        if token in self.eos:
-            return self._end("eos")
-        self.text += self.decoder.feed(token)
-        last = self.count == self.sampling.max_new_tokens
-        if last:
-            self.text += self.decoder.finish()
-        cut = find_stop(self.text, self.sampling.stop)
-        if cut is not None:
-            self.text = self.text[:cut]
-            return self._end("stop")
-        ready = max(self.sent, len(self.text) - self.hold)  # hold back what may still become a stop string
-        event = TokenEvent(token_id=token, text=self.text[self.sent : ready])
-        self.sent = ready
-        return [event, *self._end("length")] if last else [event]
-
-    def _end(self, reason: Literal["eos", "stop", "length"]) -> list[TokenEvent]:
-        self.finish = reason
-        return [TokenEvent(text=self.text[self.sent :], finish_reason=reason)]
 
 
 def _pick_device(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
@@ -118,8 +55,13 @@ class Engine:
     """Sessions over one LongLLaVA model on one device.
 
     ``rollback_window`` bounds how many steps back ``rollback`` can go from memory (one
-    Mamba snapshot per step); ``max_chunk_tokens`` bounds one append. ``kernels`` picks the
-    Mamba kernels ("auto", "torch" or "triton"; see ``model.ops``).
+    Mamba snapshot per step; with a store, older steps come from the log);
+    ``max_chunk_tokens`` bounds one append; ``max_sessions`` the sessions in memory.
+    ``kernels`` picks the Mamba kernels ("auto", "torch" or "triton"; see ``model.ops``).
+
+    ``checkpoint_dir`` (a path or fsspec URL) or ``store`` makes sessions durable; then
+    ``max_resident_bytes`` bounds the memory their states take, evicting idle ones to the
+    store, and ``checkpoint`` says how the log is written (``CheckpointPolicy``).
     """
 
     def __init__(
@@ -133,10 +75,18 @@ class Engine:
         max_sessions: int = 1024,
         rollback_window: int = 64,
         kernels: ops.Kernels | None = None,
+        checkpoint_dir: str | Path | None = None,
+        store: DirectoryStore | None = None,
+        checkpoint: CheckpointPolicy | None = None,
+        max_resident_bytes: int | None = None,
     ):
-        if kernels is not None:  # process-wide, like LONGLLAVA_KERNELS
-            ops.set_kernels(kernels)
         self.device, self.dtype = _pick_device(device, dtype)
+        if kernels is not None:  # process-wide, like LONGLLAVA_KERNELS; checked before it is set
+            with ops.use_kernels(kernels):
+                ops.resolve(self.device)
+            ops.set_kernels(kernels)
+        if checkpoint_dir is not None and store is not None:
+            raise ValueError("pass checkpoint_dir or store, not both")
         model = model if model is not None else default_model()
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
@@ -144,17 +94,27 @@ class Engine:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.vocab_size} ids but the model only {model.config.vocab_size}"
             )
-        self.max_chunk_tokens = max_chunk_tokens
-        self.max_sessions = max_sessions
         self.rollback_window = rollback_window
-        self._sessions: dict[str, _Session] = {}
+        self.inputs = InputProcessor(self.model, self.tokenizer, max_chunk_tokens)
+        self.store = DirectoryStore(checkpoint_dir) if checkpoint_dir is not None else store
+        self.policy = checkpoint or CheckpointPolicy()
+        self.sessions = SessionTable(
+            self._new_state,
+            store=self.store,
+            policy=self.policy,
+            model=model_fingerprint(self.model, json.dumps(model.config.to_dict(), sort_keys=True)),
+            layout=state_layout(self._new_state()),
+            max_sessions=max_sessions,
+            max_resident_bytes=max_resident_bytes,
+        )
         self._model_lock = threading.Lock()
         log.info(
-            "engine: %s on %s (%s); kernels: %s",
+            "engine: %s on %s (%s); kernels: %s; sessions: %s",
             type(model).__name__,
             self.device,
             str(self.dtype).removeprefix("torch."),
             ops.describe(self.device),
+            self.store or "in memory only",
         )
 
     @classmethod
@@ -176,88 +136,93 @@ class Engine:
         tokenizer = load_tokenizer(tokenizer_path or path, builtin=model.config.builtin_tokenizer)
         return cls(model, tokenizer, device=dev, dtype=dt, **kwargs)
 
+    def _new_state(self) -> SessionState:
+        return self.model.new_state(max_snapshots=self.rollback_window)
+
     # ------------------------------------------------------------------ sessions
-    def _get(self, session: str) -> _Session:
-        try:
-            return self._sessions[session]
-        except (KeyError, TypeError):
-            raise UnknownSessionError(f"unknown session {str(session)[:64]!r}") from None
-
-    def _hold(self, session: str) -> _Session:
-        s = self._get(session)
-        if not s.lock.acquire(blocking=False):
-            raise SessionBusyError(f"session {session[:8]}… is busy with another request")
-        return s
-
-    def _add(self, s: _Session) -> str:
-        if len(self._sessions) >= self.max_sessions:
-            raise RuntimeError(f"the engine holds its maximum of {self.max_sessions} sessions; close some first")
-        session = secrets.token_urlsafe(18)  # 144 random bits: unguessable
-        self._sessions[session] = s
-        return session
-
     def create(self) -> str:
-        return self._add(_Session(self.model.new_state(max_snapshots=self.rollback_window)))
+        return self.sessions.create().id
 
     def close(self, session: str) -> None:
-        self._get(session)
-        del self._sessions[session]
+        self.sessions.close(session)
 
-    def session_info(self, session: str) -> StepResult:
-        s = self._get(session)
-        return StepResult(session=session, step=s.step, tokens=0, length=s.state.length)
+    def session_info(self, session: str) -> SessionInfo:
+        """What the session holds; one that is not in memory is restored to answer."""
+        resident = self.sessions.is_resident(session)
+        s = self.sessions.get(session)
+        return SessionInfo(
+            session=session, step=s.steps.last, length=s.state.length, state_bytes=s.state.nbytes,
+            resident=resident, durable_step=s.durable_step,
+        )
+
+    def adopt(self, session: str) -> SessionInfo:
+        """Serve ``session`` from this engine: restore it from the store, taking it over from
+        whichever engine had it, unless it is here already and still ours."""
+        with self.sessions.hold(session):
+            pass
+        return self.session_info(session)
 
     def state_of(self, session: str) -> SessionState:
         """The live state (for checkpointing and measurement; do not mutate)."""
-        return self._get(session).state
+        return self.sessions.get(session).state
+
+    def flush(self, session: str | None = None) -> None:
+        """Wait until every change so far (of one session, or of all) is durable."""
+        sessions = [self.sessions.get(session)] if session is not None else self.sessions.resident()
+        for s in sessions:
+            if s.log is not None:
+                s.log.wait()
+
+    def shutdown(self) -> None:
+        """Write what is still queued, then stop the checkpoint writer."""
+        self.sessions.shutdown()
+
+    def _reply(self, s: Session, step: int | None = None, tokens: int = 0) -> StepResult:
+        step = s.steps.last if step is None else step
+        return StepResult(session=s.id, step=step, tokens=tokens, length=s.steps.ends[step], durable_step=s.durable_step)
+
+    def _sync(self, s: Session, sync: bool | None) -> None:
+        if s.log is not None and (self.policy.sync if sync is None else sync):
+            s.log.wait()
 
     # ------------------------------------------------------------------ append
-    def _embed(self, pieces: Sequence[Piece] | str) -> torch.Tensor:
-        """Validate, tokenise and encode everything before any state changes."""
-        if isinstance(pieces, str):
-            pieces = [Text(pieces)]
-        text, images = render_pieces(pieces)
-        ids = tokenize_prompt(self.tokenizer, text)
-        features = self.model.encode_images(images) if images else None
-        embeds = self.model.embed(ids, features)
-        if embeds.shape[0] > self.max_chunk_tokens:
-            raise ValueError(
-                f"this append is {embeds.shape[0]} tokens, over the engine's max_chunk_tokens={self.max_chunk_tokens}"
-            )
-        return embeds
-
-    def append(self, session: str, pieces: Sequence[Piece] | str, step: int | None = None) -> StepResult:
-        """Add one observation as a new step. ``step`` (1-based, optional) makes re-sends idempotent."""
-        s = self._hold(session)
-        try:
-            if step is not None:
-                if step == s.step and step > 0:
-                    return StepResult(session=session, step=s.step, tokens=0, length=s.state.length)
-                if step != s.step + 1:
-                    raise ValueError(f"step {step} does not follow the session's step {s.step}")
+    def append(self, session: str, pieces: Sequence[Piece] | str, step: int | None = None, sync: bool | None = None) -> StepResult:
+        """Add one observation as a new step. ``step`` (1-based, optional) makes re-sends
+        idempotent; ``sync`` waits until the step is durable (default: the policy's)."""
+        observation = self.inputs.process(pieces)  # refuses bad input before the session is touched
+        with self.sessions.hold(session) as s:
+            if not s.steps.check_new(step, observation.digest):
+                return self._reply(s, step)
+            start = s.state.length
             with self._model_lock, torch.no_grad():
-                embeds = self._embed(pieces)
-                start = s.state.length
+                embeds = self.inputs.embed(observation)
                 s.state.snapshot()  # the end of the previous step: a rollback target
                 try:
-                    s.next_logits = self.model.prefill(s.state, embeds)
+                    self.model.prefill(s.state, embeds, logits="none")
                 except BaseException:
                     s.state.rollback(start)  # a failed prefill leaves no half-written state
                     raise
-            s.step_ends.append(s.state.length)
-            return StepResult(session=session, step=s.step, tokens=s.state.length - start, length=s.state.length)
-        finally:
-            s.lock.release()
+            s.tokens.extend(observation.history_ids(self.model.config.image_tokens))
+            s.steps.add(s.state.length, observation.digest)
+            s.record("append", first_step=s.steps.last - 1)
+            self._sync(s, sync)
+            return self._reply(s, tokens=s.state.length - start)
 
     # ------------------------------------------------------------------ generate
-    def generate(self, session: str, sampling: SamplingParams | None = None) -> Iterator[TokenEvent]:
+    def generate(
+        self, session: str, sampling: SamplingParams | None = None, step: int | None = None
+    ) -> Iterator[TokenEvent]:
         """Stream tokens. Every sampled token (EOS included) joins the history, so the next
-        append continues after it; the current step grows to cover them."""
-        for _, event in self.generate_batch([session], [sampling or SamplingParams()]):
+        append continues after it; the current step grows to cover them. With ``step``, a
+        step whose reply is already in the history re-sends that reply."""
+        for _, event in self.generate_batch([session], [sampling or SamplingParams()], None if step is None else [step]):
             yield event
 
     def generate_batch(
-        self, sessions: Sequence[str], sampling: SamplingParams | Sequence[SamplingParams] | None = None
+        self,
+        sessions: Sequence[str],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        steps: Sequence[int | None] | None = None,
     ) -> Iterator[tuple[str, TokenEvent]]:
         """Generate for several sessions at once: one forward per token decodes all of them,
         whatever their history lengths. Yields ``(session, event)``; each session's events
@@ -265,82 +230,107 @@ class Engine:
         if len(set(sessions)) != len(sessions) or not sessions:
             raise ValueError("generate_batch takes one or more distinct sessions")
         params = list(sampling) if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(sessions)
-        if len(params) != len(sessions):
-            raise ValueError(f"{len(sessions)} sessions but {len(params)} sampling parameters")
-        held = self._hold_all(sessions)
+        steps = list(steps) if steps is not None else [None] * len(sessions)
+        if not len(params) == len(steps) == len(sessions):
+            raise ValueError(f"{len(sessions)} sessions but {len(params)} sampling parameters and {len(steps)} steps")
+        with self.sessions.hold_all(sessions) as held:
+            replays = [self._replay(s, p, n) for s, p, n in zip(held, params, steps)]
+            for s, events in zip(held, replays):
+                for event in events or ():
+                    yield s.id, event
+            requests = [self._request(s, p) for s, p, events in zip(held, params, replays) if events is None]
+            if requests:
+                yield from self._decode(requests)
+
+    def _replay(self, s: Session, sampling: SamplingParams, step: int | None) -> list[TokenEvent] | None:
+        """The events of step ``step``'s reply if it is already in the history, else None."""
+        if step is None:
+            return None
+        last = s.steps.last
+        if step > last or step < 1:
+            raise StepGapError(f"step {step} has no observation yet: append step {last + 1} first", last + 1)
+        if s.steps.finish[step] is None:
+            if step == last:
+                return None
+            raise ValueError(f"step {step} has no finished reply to re-send, and later steps follow it")
+        stream = OutputStream(self.tokenizer, self.model.config.eos_token_ids, sampling)
+        events = stream.replay(list(s.tokens[s.steps.observed[step] : s.steps.ends[step]]))
+        events[-1] = events[-1].model_copy(
+            update={"tokens": 0, "length": s.state.length, "replayed": True, "durable_step": s.durable_step}
+        )
+        return events
+
+    def _request(self, s: Session, sampling: SamplingParams) -> Request:
+        if s.state.last_hidden is None:
+            raise ValueError(f"session {s.id[:8]}… has nothing to generate from: append a prompt first")
+        rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        return Request(s, OutputStream(self.tokenizer, self.model.config.eos_token_ids, sampling), rng, s.state.length)
+
+    def _decode(self, requests: list[Request]) -> Iterator[tuple[str, TokenEvent]]:
+        loop = DecodeLoop(self.model, self._model_lock, requests, self.tokenizer.vocab_size)
         try:
-            for sid, s in held.items():
-                if s.next_logits is None:
-                    raise ValueError(f"session {sid[:8]}… has nothing to generate from: append a prompt first")
-            running = {sid: _Generation(self, p) for sid, p in zip(sessions, params)}
-            logits = torch.stack([held[sid].next_logits for sid in running])
-            while running:
-                # the batch is rebuilt only when a session finishes
-                with DecodeBatch([held[sid].state for sid in running]) as batch:
-                    members = list(running)
-                    while len(running) == len(members):
-                        tokens = sample_batch(logits, [running[sid].sampling for sid in members], [running[sid].rng for sid in members])
-                        with self._model_lock, torch.no_grad():
-                            logits = self.model.decode(batch, self.model.embed(tokens))
-                        for j, (sid, token) in enumerate(zip(members, tokens)):
-                            held[sid].next_logits = logits[j]
-                            held[sid].step_ends[-1] = held[sid].state.length
-                            for event in running[sid].accept(token):
-                                yield sid, event
-                            if running[sid].finish is not None:
-                                del running[sid]
-                keep = [j for j, sid in enumerate(members) if sid in running]
-                logits = logits[keep]
+            while loop.running:
+                for r, event in loop.step():
+                    if event.finish_reason is not None:
+                        event = self._finish(r, event)
+                    yield r.session.id, event
         finally:
-            for s in held.values():
-                s.lock.release()
+            loop.close()
+            for r in loop.running:  # stopped early (the caller went away): log what joined the history
+                if r.added:
+                    r.session.record("generate", first_step=r.session.steps.last - 1)
 
-    def _hold_all(self, sessions: Sequence[str]) -> dict[str, _Session]:
-        held: dict[str, _Session] = {}
-        try:
-            for sid in sessions:
-                held[sid] = self._hold(sid)
-        except BaseException:
-            for s in held.values():
-                s.lock.release()
-            raise
-        return held
+    def _finish(self, r: Request, event: TokenEvent) -> TokenEvent:
+        s = r.session
+        s.steps.extend_reply(s.state.length, event.finish_reason)
+        s.record("generate", first_step=s.steps.last - 1)
+        self._sync(s, None)
+        return event.model_copy(update={"tokens": r.added, "length": s.state.length, "durable_step": s.durable_step})
 
-    def generate_text(self, session: str, sampling: SamplingParams | None = None) -> tuple[str, str]:
+    def generate_text(
+        self, session: str, sampling: SamplingParams | None = None, step: int | None = None
+    ) -> tuple[str, str]:
         """The whole generation as ``(text, finish_reason)``; the reason is "eos", "stop" or "length"."""
-        events = list(self.generate(session, sampling))
+        events = list(self.generate(session, sampling, step))
         return "".join(e.text for e in events), events[-1].finish_reason or "length"
 
     # ------------------------------------------------------------------ fork and rollback
     def fork(self, session: str) -> str:
-        """A new session with the same history; the two then diverge independently."""
-        s = self._hold(session)
-        try:
-            child = _Session(
-                s.state.fork(),
-                list(s.step_ends),
-                None if s.next_logits is None else s.next_logits.clone(),
-            )
-            return self._add(child)
-        finally:
-            s.lock.release()
+        """A new session with the same history; the two then diverge independently. With a
+        store the child is durable by itself: it does not need the parent to restore."""
+        with self.sessions.hold(session) as s:
+            return self.sessions.fork(s).id
 
     def rollback(self, session: str, step: int) -> StepResult:
-        """Return the session to the end of ``step`` (0 is the empty history)."""
-        s = self._hold(session)
-        try:
-            if not 0 <= step <= s.step:
-                raise ValueError(f"step {step} is outside the session's steps 0..{s.step}")
-            target = s.step_ends[step]
-            try:
+        """Return the session to the end of ``step`` (0 is the empty history): from the
+        in-memory snapshots where they reach, otherwise from the checkpoint log."""
+        with self.sessions.hold(session) as s:
+            if not 0 <= step <= s.steps.last:
+                raise ValueError(f"step {step} is outside the session's steps 0..{s.steps.last}")
+            target = s.steps.ends[step]
+            if target == s.state.length:
+                return self._reply(s)
+            if s.state.can_rollback(target):
                 s.state.rollback(target)
-            except KeyError:
-                raise ValueError(
-                    f"step {step} is further back than the engine's rollback_window of {self.rollback_window} steps"
-                ) from None
-            if step < s.step:
-                s.next_logits = None  # the logits there were not kept; the next call must append
-            del s.step_ends[step + 1 :]
-            return StepResult(session=session, step=s.step, tokens=0, length=s.state.length)
-        finally:
-            s.lock.release()
+            else:
+                self._rollback_from_log(s, step, target)
+            s.steps.truncate(step)
+            del s.tokens[target:]
+            s.record("rollback", first_step=step, base=target)
+            self._sync(s, None)
+            return self._reply(s)
+
+    def _rollback_from_log(self, s: Session, step: int, target: int) -> None:
+        if s.log is None:
+            raise ValueError(f"step {step} is further back than the engine's rollback_window of {self.rollback_window} steps")
+        s.log.wait()
+        points = s.log.disk.points
+        ref = points.get(target)
+        if ref is None:
+            kept = [n for n in range(s.steps.last + 1) if s.steps.ends[n] in points]
+            raise ValueError(f"step {step} is not a rollback target any more; the log keeps steps {kept}")
+        item = read_point(self.store, s.id, ref)
+        if item.meta.length != target:
+            raise ValueError(f"the log's state for step {step} has {item.meta.length} tokens, not {target}")
+        recurrent = {k: v for k, v in item.tensors.items() if k.startswith("mamba.") or k == "hidden"}
+        s.state.rewind(target, *recurrent_from(s.state, recurrent, target))

@@ -1,23 +1,12 @@
-"""Sampling parameters and next-token selection: greedy, temperature and nucleus (top-p)."""
+"""Next-token selection: greedy, temperature and nucleus (top-p). The parameters are in ``serving.types``."""
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from .types import SamplingParams
 
-class SamplingParams(BaseModel):
-    """How to pick tokens. ``temperature=0`` is greedy; ``stop`` strings end generation
-    and are cut from the returned text, as in vLLM."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_new_tokens: int = Field(64, ge=1, le=8192)
-    temperature: float = Field(0.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
+__all__ = ["SamplingParams", "find_stop", "sample_batch", "sample_next"]
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -12,3 +12,44 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+class CLI:
+    """``python -m <module>`` run from the repository root in a real process, as a user runs it.
+    ``start`` several, then ``finish`` each, to overlap their start-up (imports take seconds)."""
+
+    @staticmethod
+    def start(module: str, *args: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+
+    @staticmethod
+    def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    @staticmethod
+    def assert_usage_error(done: subprocess.CompletedProcess, message: str) -> None:
+        """Exit status 2, argparse's usage, then one error line naming the problem; no traceback."""
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and "usage: " in done.stderr, done.stderr
+        errors = [line for line in done.stderr.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and errors[0] == done.stderr.splitlines()[-1], done.stderr
+        assert message in errors[0], done.stderr
+
+
+@pytest.fixture(scope="session")
+def cli() -> type[CLI]:
+    return CLI

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import from_longllava_key, read_weights, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.longllava import LongLLaVA
 
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
@@ -39,15 +39,8 @@ def save_training_state(path: Path, model: LongLLaVA, optimizer: torch.optim.Opt
 def load_training_state(path: Path, model: LongLLaVA, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Loads weights and optimizer state from ``path`` into the live objects; returns
     ``(step, skipped)``."""
-    weights = {}
-    for key, value in read_weights(path).items():
-        mine = from_longllava_key(key)
-        if mine is not None:
-            weights[mine] = value
-    vision = {f"vision.tower.{k}": v for k, v in read_weights(path / "vision_tower").items()}
-    missing, unexpected = model.load_state_dict({**weights, **vision}, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    saved = load_checkpoint(path, device=next(model.parameters()).device, dtype=torch.float32)
+    model.load_state_dict(saved.state_dict())
     by_parameter: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(path / OPTIMIZER_FILE)).items():
         name, field = key.rsplit(".", 1)

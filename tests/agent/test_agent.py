@@ -12,8 +12,9 @@ from agent import Agent, Click, Generation, LocalBackend, NoSessionError, Observ
 from agent.policy import ModelDecision
 from envs.policies import Decision, load_policy
 from model.prompt import EOS_TOKEN, Text
-from serving.engine import StepResult
-from serving.sampling import SamplingParams
+from agent.prompt import step_pieces
+from serving.errors import StepConflictError, StepGapError
+from serving.types import SamplingParams, StepResult
 
 SAMPLING = SamplingParams(max_new_tokens=8)
 
@@ -49,12 +50,18 @@ def test_step_keeps_the_raw_reply_and_falls_back(agent, engine):
     assert set(record.timings) == {"model_append_s", "model_generate_s", "parse_s"}
 
 
-def test_a_resent_append_is_acknowledged_not_applied_twice(agent, engine):
+def test_a_resent_step_is_acknowledged_not_applied_twice(agent, engine):
     agent.step(observation(0))
     before = engine.session_info(agent.session)
-    again = agent.backend.append(agent.session, [Text("the same step, sent again")], step=1)
+    sent = step_pieces(observation(0), instruction="Remember what you see.")
+    again = agent.backend.append(agent.session, sent, step=1)
     assert (again.step, again.tokens, again.length) == (1, 0, before.length)
-    with pytest.raises(ValueError, match="does not follow"):
+    reply = agent.backend.generate(agent.session, SAMPLING, 1)  # the reply already given is sent again
+    assert reply.text == agent.records[0].parsed.raw and reply.tokens == 0
+    assert engine.session_info(agent.session) == before
+    with pytest.raises(StepConflictError, match="other content"):
+        agent.backend.append(agent.session, [Text("another step 1")], step=1)
+    with pytest.raises(StepGapError, match="send step 2"):
         agent.backend.append(agent.session, [Text("a step from the future")], step=3)
 
 
@@ -118,7 +125,7 @@ def test_a_failed_generation_undoes_its_append(agent, engine):
     agent.step(observation(0))
 
     class Failing(LocalBackend):
-        def generate(self, session, sampling):
+        def generate(self, session, sampling, step):
             raise TimeoutError("the replica went away")
 
     agent.backend = Failing(engine)
@@ -136,7 +143,7 @@ def test_local_backend_reports_how_a_reply_ended(agent, engine):
     text, _ = engine.generate_text(probe, SamplingParams(max_new_tokens=12, ignore_eos=True))
     stop = text[2:4]
     before = engine.session_info(agent.session).length
-    reply = agent.backend.generate(agent.session, SamplingParams(max_new_tokens=12, stop=(stop,), ignore_eos=True))
+    reply = agent.backend.generate(agent.session, SamplingParams(max_new_tokens=12, stop=(stop,), ignore_eos=True), None)
     assert reply.finish_reason == "stop" and reply.text == text[: text.index(stop)]
     assert reply.length == before + reply.tokens == engine.session_info(agent.session).length
 
@@ -156,7 +163,7 @@ class ScriptedBackend:
         self.sent.append(pieces)
         return StepResult(session=session, step=step, tokens=len(pieces), length=self.length)
 
-    def generate(self, session, sampling):
+    def generate(self, session, sampling, step):
         text, finish_reason = self.replies.pop(0)
         return Generation(text=text, finish_reason=finish_reason, tokens=1, length=self.length)
 

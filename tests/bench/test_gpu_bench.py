@@ -30,6 +30,7 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert set(results["batched_decode"]) == {"1", "8", "32"}
     assert set(results["decode_attention"]) == {"1", "2"}
     assert results["capacity"]["sessions"] == 8
+    assert results["checkpoint_144"]["restored_equal"] and results["checkpoint_144"]["bytes_per_step"] > 0
     assert results["targets"]["x_faster_than_tf_token"] > 0 and results["targets"]["x_faster_than_tf_chunk_min"] > 0
     peer = results["transformers"]["logit_err"]
     assert peer["ours_vs_full_pass"] < 1e-4 < peer["tf_chunk_vs_full_pass"]  # its chunked append is wrong

@@ -52,3 +52,28 @@ def test_command_line_reports_and_records(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "success rate 100.0%" in printed and "steps/s" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["episode_000000", "episode_000001", "episode_000002"]
+
+
+def test_the_progress_bar_counts_steps(capsys):
+    """One long episode must move the bar; OrderEvents with span 3 is 4 steps an episode."""
+    run_rollout("longllava/OrderEvents-v0", "oracle", episodes=3, env_kwargs={"memory_span": 3}, progress=True)
+    final = capsys.readouterr().err.split("\r")[-1]
+    assert final.startswith("12step [") and "episodes=3/3" in final
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--env-arg", "memory_span"], "argument --env-arg: expected KEY=VALUE, got 'memory_span'"),
+        (["--agent-arg", "=3"], "argument --agent-arg: expected KEY=VALUE, got '=3'"),
+        (["--episodes", "0"], "argument --episodes: must be at least 1, got 0"),
+        (["--num-envs", "two"], "argument --num-envs: expected a whole number, got 'two'"),
+        (["--env-arg", "memory_span=-4"], "--env-arg: RecallCodeEnv needs 1 <= memory_span <= 1000, got -4"),
+        (["--env-arg", "colour=1"], "unexpected keyword argument 'colour'"),
+        (["--agent-arg", "speed=3"], "--agent-arg for --agent random: got an unexpected keyword argument 'speed'"),
+        (["--env", "longllava/Nope-v0"], "--env longllava/Nope-v0: Environment `Nope` doesn't exist"),
+    ],
+)
+def test_command_line_mistakes_are_usage_errors(cli, args, message):
+    done = cli.finish(cli.start("envs.rollout", "--env", "longllava/RecallCode-v0", *args))
+    cli.assert_usage_error(done, message)

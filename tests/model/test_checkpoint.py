@@ -1,6 +1,7 @@
 """LongLLaVA-layout checkpoints: real safetensors files on disk, saved and reloaded."""
 
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -129,3 +130,28 @@ def test_missing_and_foreign_parameters_are_named(model, tmp_path):
     # tower weights inside the checkpoint are ignored, as LongLLaVA ignores them
     save_file({**tensors, "model.vision_tower.vision_tower.x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     assert torch.equal(logits_for(load_checkpoint(tmp_path)), logits_for(model))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (dict(num_hidden_layers=100_000), r"num_hidden_layers: Input should be less than or equal to 1024 \(got 100000\)"),
+        (dict(num_hidden_layers=1000), r"config.json says 1000 layers, but the weights hold 9 \(numbered 0 to 8\)"),
+        (dict(num_hidden_layers=8), r"config.json says 8 layers, but the weights hold 9"),
+        (dict(num_experts=16, num_experts_per_tok=2), r"config.json gives layer 1 16 experts, but the weights hold 4"),
+        (dict(expert_layer_offset=0), r"config.json gives layer 0 4 experts, but the weights hold 1"),
+    ],
+)
+def test_a_config_that_cannot_match_its_weights_fails_before_a_model_is_built(model, tmp_path, edit, match):
+    """100000 layers took 225 s and 8.4 GB before the missing-parameter error; 1000 took seconds."""
+    save_checkpoint(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | edit))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20  # no layers built, no tensors read

@@ -37,8 +37,22 @@ def test_dt_rank_auto():
         (dict(num_experts=2, num_experts_per_tok=3), "cannot exceed"),
         (dict(hidden_size=-1), "greater than 0"),
         (dict(hidden_act="gelu"), "silu"),
+        (dict(num_hidden_layers=100_000), "less than or equal to 1024"),
+        (dict(num_experts=5000), "less than or equal to 1024"),
     ],
 )
 def test_invalid_configs_are_refused(bad, message):
     with pytest.raises(ValidationError, match=message):
         HybridLMConfig(**bad)
+
+
+def test_a_bad_config_file_names_each_wrong_field_on_one_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"hidden_size": -1, "num_hidden_layers": 100_000, "vision_config": {"num_hidden_layers": 0}}))
+    with pytest.raises(ValueError) as caught:
+        LongLLaVAConfig.from_json_file(path)
+    assert str(caught.value) == (
+        "hidden_size: Input should be greater than 0 (got -1); "
+        "num_hidden_layers: Input should be less than or equal to 1024 (got 100000); "
+        "vision_config.num_hidden_layers: Input should be greater than 0 (got 0)"
+    )

@@ -139,7 +139,8 @@ def test_nbytes_counts_live_rows(lm):
     run(lm, state, ids_(10))
     kv = 2 * 10 * lm.config.num_key_value_heads * lm.config.head_dim * 4
     mamba = len(lm.config.mamba_layers) * lm.config.d_inner * (lm.config.mamba_d_conv + lm.config.mamba_d_state) * 4
-    assert state.nbytes == kv * len(lm.config.attention_layers) + mamba
+    hidden = lm.config.hidden_size * 4
+    assert state.nbytes == kv * len(lm.config.attention_layers) + mamba + hidden
 
 
 def test_corrupted_truncated_and_wrong_blobs_are_rejected(lm, make_pair):

@@ -11,7 +11,8 @@ from PIL import Image as PILImage
 from model.default import default_model
 from model.prompt import Image, Text, Video, user_message
 from model.tokenizer import tokenize_prompt
-from serving.engine import Engine, SessionBusyError, UnknownSessionError
+from serving.engine import Engine
+from serving.errors import SessionBusyError, UnknownSessionError
 from serving.sampling import SamplingParams
 
 
@@ -137,11 +138,17 @@ def test_rollback_then_reappend_equals_original(engine):
     assert engine.session_info(s).length == 0
 
 
-def test_generate_needs_a_prompt_after_rollback(engine):
+def test_generation_after_rollback_continues_from_that_step(engine):
+    """A rollback restores the last hidden row too, so the session can generate at once,
+    exactly as it would have at that step; the empty history has nothing to generate from."""
     s = engine.create()
     engine.append(s, "one")
+    at_one = engine.fork(s)
     engine.append(s, "two")
     engine.rollback(s, 1)
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert engine.generate_text(s, greedy) == engine.generate_text(at_one, greedy)
+    engine.rollback(s, 0)
     with pytest.raises(ValueError, match="append a prompt"):
         list(engine.generate(s))
 
@@ -175,7 +182,7 @@ def test_bad_input_is_refused_and_loses_nothing(engine):
     with pytest.raises(ValueError, match="HxW"):
         engine.append(s, [Image(np.zeros((10, 10, 5), dtype=np.uint8))])
     with pytest.raises(ValueError, match="mode"):
-        engine.append(s, [Image(PILImage.new("CMYK", (10, 10)))])
+        engine.append(s, [Image(PILImage.new("La", (10, 10)))])
     with pytest.raises(ValueError, match="0"):
         engine.append(s, [Image(np.zeros((0, 10, 3), dtype=np.uint8))])
     small = Engine(engine.model, max_chunk_tokens=20, device="cpu")
@@ -244,7 +251,8 @@ def test_generate_batch_equals_each_session_generating_alone(engine):
         # the histories stay equal after the batch: the next append gives the same logits
         engine.append(s, "next")
         engine.append(a, "next")
-        assert torch.allclose(engine._sessions[s].next_logits, engine._sessions[a].next_logits, atol=1e-5)
+        logits = [engine.model.head(engine.state_of(x).last_hidden) for x in (s, a)]
+        assert torch.allclose(*logits, atol=1e-5)
     for s in together + alone:
         engine.close(s)
 

@@ -10,7 +10,7 @@ from envs.rollout import run_rollout
 from envs.trajectory import read_trajectories
 from model.prompt import EOS_TOKEN, render_pieces
 from model.tokenizer import ByteTokenizer, tokenize_prompt
-from serving.engine import StepResult
+from serving.types import StepResult
 from training.collate import IGNORE_INDEX, encode
 from training.data import LlavaDataset
 from training.trajectories import episode_record, write_records
@@ -36,7 +36,7 @@ class ReplayBackend:
         self.images += images
         return StepResult(session=session, step=step, tokens=0, length=len(self.ids))
 
-    def generate(self, session, sampling) -> Generation:
+    def generate(self, session, sampling, step=None) -> Generation:
         text = next(self.replies)
         self.ids += TOKENIZER.encode(text + EOS_TOKEN)
         return Generation(text=text, finish_reason="eos", tokens=0, length=len(self.ids))
