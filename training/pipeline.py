@@ -5,7 +5,7 @@
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
    rollouts recorded by ``envs.rollout`` and converted by ``training.trajectories``;
-2. the vision tower, pretrained to read each screen's key text from every pooled cell
+2. the vision tower, pretrained to read what each pooled cell of a screen shows
    (``training.tower``): it stands in for CLIP, which no package ships;
 3. stage 1 (align, captions), stage 2 (single-screen questions), stage 3 (multi-screen
    and video questions, tiled screens, replay of stage 2 and text data) and trajectory
@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -93,12 +94,12 @@ PRESETS = {
         batch={"align": 8, "single": 8, "multi": 4, "trajectory": 2}, lr=3e-3,
     ),
     "demo": Preset(
-        architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=1200, questions=12000, sequences=1000, texts=400,
+        architecture=DEFAULT_CONFIG.to_dict(), screens=4000, captions=800, questions=8000, sequences=600, texts=300,
         trajectories=(
-            Episodes("RecallCode", 160, (2, 4, 8, 16)), Episodes("ClickTarget", 120, (0,)),
-            Episodes("OrderEvents", 20, (4,)), Episodes("CountEvents", 20, (4,)), Episodes("NeedleFrame", 20, (6,)),
+            Episodes("RecallCode", 120, (2, 4, 8, 16)), Episodes("ClickTarget", 100, (0,)),
+            Episodes("OrderEvents", 16, (4,)), Episodes("CountEvents", 16, (4,)), Episodes("NeedleFrame", 16, (6,)),
         ),
-        tower_steps=600, steps={"align": 60, "single": 700, "multi": 80, "trajectory": 120},
+        tower_steps=600, steps={"align": 40, "single": 400, "multi": 60, "trajectory": 100},
         batch={"align": 16, "single": 16, "multi": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
@@ -108,8 +109,9 @@ PRESETS = {
 def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``."""
     writer = synthetic.Writer(root / "screens")
+    side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
     files = {
-        "screens": synthetic.screens(writer, preset.screens, seed + 1, PERCEPTION),
+        "screens": synthetic.screens(writer, preset.screens, seed + 1, PERCEPTION, side),
         "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
         "questions": synthetic.questions(writer, preset.questions, seed + 3, PERCEPTION),
         "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),

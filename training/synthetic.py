@@ -5,7 +5,7 @@ the agent sees), saved as PNG. Screens come from ``env.reset(seed)``: an episode
 screens are its ground truth (``envs.base.Episode``), so captions, questions and
 answers are exact. One generator per stage:
 
-- ``screens``    (tower pretraining) each screen's key text (``training.tower``);
+- ``screens``    (tower pretraining) what each cell of each screen shows (``training.tower``);
 - ``captions``   (align) each screen described: its title and every element's text,
                  with panel centres in the action grammar's 0..1000 units;
 - ``questions``  (single) one screen, one question: the access code shown, where to
@@ -31,7 +31,7 @@ from PIL import Image
 import envs  # noqa: F401  (registers the tasks)
 from envs.actions import Click, format_action
 from envs.base import Episode
-from envs.render import PALETTE, Icon, Label, Panel, Screen, render
+from envs.render import PALETTE, TITLE_HEIGHT, Icon, Label, Panel, Screen, render
 
 COLOR_NAMES = {rgb: name for name, rgb in PALETTE.items()}
 SIZE = 336  # the envs' default screen, which the agent sees
@@ -132,13 +132,43 @@ TASKS = {  # task -> constructor arguments for short episodes that cover every s
 }
 
 
-def key_text(screen: Screen) -> str:
-    """The screen's title, then each labelled panel with its centre, then each icon: what
-    ``training.tower`` teaches the tower to see."""
-    panels = [e for e in screen.elements if isinstance(e, Panel) and e.label]
-    icons = [e for e in screen.elements if isinstance(e, Icon)]
-    parts = [f"{p.label} {_centre(p.box)[0]} {_centre(p.box)[1]}" for p in panels] + [describe(i) for i in icons]
-    return f"{screen.title}: " + "; ".join(parts)
+def _ink(element: Panel | Label | Icon) -> tuple[int, int, int, int]:
+    """The box an element's text or shape covers, in 0..1000 units (a text's width
+    estimated from its length: glyphs average about 0.55 of the font size)."""
+    match element:
+        case Panel():  # the label is centred, at half the panel's height, shrunk to fit
+            x0, y0, x1, y1 = element.box
+            size = (y1 - y0) // 2
+            width = min(int(0.9 * (x1 - x0)), len(element.label) * size * 11 // 20)
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            return cx - width // 2, cy - size // 2, cx + width // 2 + 1, cy + size // 2 + 1
+        case Label():
+            x, y = element.xy
+            return x, y, x + len(element.text) * element.size * 11 // 20 + 1, y + element.size
+        case Icon():
+            (x, y), r = element.center, element.radius
+            return x - r, y - r, x + r + 1, y + r + 1
+
+
+def cell_texts(screen: Screen, side: int) -> list[str]:
+    """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row:
+    the title, each element's text or icon, with its centre in the action grammar's
+    units ("Save 314 219"), in every cell its ink overlaps. This is what
+    ``training.tower`` teaches each pooled image token to see."""
+    title = Label((25, TITLE_HEIGHT // 5), screen.title, TITLE_HEIGHT * 3 // 5)
+    cells: list[list[str]] = [[] for _ in range(side * side)]
+    for element in (title, *screen.elements):
+        if not (text := describe(element) if not isinstance(element, Panel) else element.label):
+            continue
+        x0, y0, x1, y1 = _ink(element)
+        if isinstance(element, Panel):  # where to click it
+            x0_, y0_, x1_, y1_ = element.box
+            text = f"{text} {(x0_ + x1_) // 2} {(y0_ + y1_) // 2}"
+        columns = range(max(0, x0) * side // 1000, min(side, (min(x1, 1000) - 1) * side // 1000 + 1))
+        for row in range(max(0, y0) * side // 1000, min(side, (min(y1, 1000) - 1) * side // 1000 + 1)):
+            for column in columns:
+                cells[row * side + column].append(text)
+    return ["; ".join(texts) for texts in cells]
 
 
 def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> tuple[str, Episode]:
@@ -154,9 +184,9 @@ def _screens(seed: int, n: int, weights: dict[str, float]) -> Iterator[Screen]:
         yield ep.screens[rng.randrange(len(ep.screens))]
 
 
-def screens(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
-    """``n`` screens with their key text, for ``training.tower``."""
-    records = ({"image": writer.image(s), "text": key_text(s)} for s in _screens(seed, n, weights))
+def screens(writer: Writer, n: int, seed: int, weights: dict[str, float], side: int) -> Path:
+    """``n`` screens with what each cell of a ``side`` x ``side`` grid shows, for ``training.tower``."""
+    records = ({"image": writer.image(s), "cells": cell_texts(s, side)} for s in _screens(seed, n, weights))
     return writer.write("screens", records)
 
 

@@ -1,16 +1,17 @@
-"""Pretraining a vision tower from scratch on screen captions, standing in for CLIP.
+"""Pretraining a vision tower from scratch to read screens, standing in for CLIP.
 
 LongLLaVA's tower arrives pretrained (CLIP ViT-L/336); the embedded demo model's cannot,
-since no CLIP ships in a package. A random LLM learns to read from image tokens only
-slowly when what it needs sits in one or two of the 36 pooled cells (it must first learn
-where to look), and quickly when every cell carries it, as a photo's colour does. So the
-tower learns what CLIP's image embedding is for: every pooled cell predicts the screen's
-key text, its title and each labelled element with its centre in the action grammar's
-0..1000 units ("Toolbar: Save 314 219; Open 671 312"), character by character through a
-linear head. The loss falls on a few random cells per image each step, which is as good
-as all of them for the tower and far cheaper. The head is thrown away afterwards.
+since no CLIP ships in a package. A random tower and a random LLM trained together learn
+to read only very slowly: the LLM must first learn where to look, the tower what to
+see. So the tower first learns to read on its own, locally, as a text-spotting model
+does: each pooled image token predicts what its cell of the screen shows (the title, an
+element's text or icon, with the element's centre in the action grammar's 0..1000
+units: "Save 314 219"), character by character through a linear head. The loss falls on
+a few cells per image each step, drawn with a bias to cells that show something. The
+head is thrown away afterwards.
 
-Records are JSONL: ``{"image": path, "text": "Toolbar: Save 314 219; ..."}``.
+Records are JSONL: ``{"image": path, "cells": ["Toolbar", "", "Save 314 219", ...]}``,
+one string per pooled token, row by row (``training.synthetic.cell_texts``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from model.tokenizer import ByteTokenizer
 from model.vision import preprocess_image
 
 MAX_CHARS = 64
-CELLS_PER_IMAGE = 4
+CELLS_PER_IMAGE = 6
+SHOWING_BIAS = 3.0  # a cell that shows something is drawn 4 times as often as an empty one
 IGNORE = -100
 
 
@@ -73,13 +75,14 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
             group["lr"] = lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
         picks = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
         pixels = torch.stack([preprocess_image(Image.open(records.parent / rows[i]["image"]), model.config) for i in picks])
-        targets = torch.stack([text_target(rows[i]["text"], tokenizer) for i in picks])
+        shows = torch.tensor([[bool(text) for text in rows[i]["cells"]] for i in picks])
+        cells = torch.multinomial(1.0 + SHOWING_BIAS * shows, CELLS_PER_IMAGE, generator=generator)  # [batch, k]
+        targets = torch.stack([torch.stack([text_target(rows[i]["cells"][c], tokenizer) for c in chosen.tolist()])
+                               for i, chosen in zip(picks, cells)])  # [batch, k, MAX_CHARS]
         features = model.vision(pixels)  # [batch, cells, width]
-        cells = torch.rand(features.shape[:2], generator=generator).argsort(1)[:, :CELLS_PER_IMAGE]
         chosen = features.gather(1, cells[..., None].expand(-1, -1, features.shape[-1]))
-        logits = head(chosen)  # [batch, CELLS_PER_IMAGE, MAX_CHARS, vocab]
-        loss = F.cross_entropy(logits.flatten(0, 2), targets[:, None].expand(-1, CELLS_PER_IMAGE, -1).flatten(),
-                               ignore_index=IGNORE)
+        logits = head(chosen)  # [batch, k, MAX_CHARS, vocab]
+        loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=IGNORE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

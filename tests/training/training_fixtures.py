@@ -8,29 +8,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.config import LongLLaVAConfig, VisionConfig
-from model.tokenizer import ByteTokenizer
+from model.config import VisionConfig
+from model.default import DEFAULT_CONFIG
 
-# LongLLaVA's structure at toy size: 8 layers with attention at 4, MoE on odd layers, an
-# 84 px tower whose 6x6 patch grid gives 36 image tokens
-TINY = LongLLaVAConfig(
-    vocab_size=ByteTokenizer.vocab_size,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=8,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    num_experts=4,
-    num_experts_per_tok=2,
-    mamba_d_state=4,
-    mamba_dt_rank=4,
-    mm_hidden_size=16,
-    image_tokens=36,
+# the embedded model's structure at toy size: 8 layers with attention at 4, MoE with 4
+# experts top-2 on odd layers, an 84 px tower whose 6x6 patch grid gives 36 image tokens
+TINY = DEFAULT_CONFIG.model_copy(update=dict(
+    hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+    mamba_d_state=4, mamba_dt_rank=4, mm_hidden_size=16,
     vision_config=VisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=84, projection_dim=16
     ),
-    builtin_tokenizer="byte",
-)
+))
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (60, 40)) -> str:
