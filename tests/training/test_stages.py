@@ -80,15 +80,20 @@ def test_each_stage_overfits_sixteen_samples(tmp_path, stage):
 def test_alignment_overfits_through_a_trained_llm(tmp_path):
     """Stage 1 trains the projector alone, so, as in LongLLaVA, it starts from an LLM that
     has learnt the answers' language: here the text stage teaches it to repeat the text
-    before "Describe.", and alignment must then make each image read as its answer."""
+    before "Describe.", and alignment must then make each image read as its answer.
+
+    The frozen LLM bounds what the projector can reach: the images can at best read as
+    well as the answers' own text does. So the loss must close at least 90% of the gap
+    between its start and that floor (the text stage's loss on the same answers as text)."""
     records = sixteen("align", tmp_path)
-    texts = [qa(f"{r['conversations'][1]['value']}\nDescribe.", r["conversations"][1]["value"]) for r in records]
-    text_run = Trainer(config(tmp_path / "t", "text", max_steps=150, data=[DataSource(path=str(write_jsonl(tmp_path / "text.jsonl", texts)))]))
-    llm = text_run.fit()
+    texts = DataSource(path=str(write_jsonl(tmp_path / "text.jsonl", [
+        qa(f"{r['conversations'][1]['value']}\nDescribe.", r["conversations"][1]["value"]) for r in records])))
+    llm = Trainer(config(tmp_path / "t", "text", max_steps=150, data=[texts], eval_data=[texts])).fit()
+    floor = json.loads((tmp_path / "t" / "run" / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
     data = DataSource(path=str(write_jsonl(tmp_path / "align.jsonl", records)))
     run = Trainer(config(tmp_path / "a", "align", init=str(llm), architecture=None, data=[data], eval_data=[data],
                          max_steps=150, lr=1e-2))
     first = run.evaluate()
     run.fit()
     last = json.loads((tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
-    assert last <= 0.1 * first, (first, last)
+    assert first - last >= 0.9 * (first - floor), (first, last, floor)
