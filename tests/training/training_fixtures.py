@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.config import VisionConfig
+from model.config import LongLLaVAConfig, VisionConfig
 from model.default import DEFAULT_CONFIG
 
 # the embedded model's structure at toy size: 8 layers with attention at 4, MoE with 4
-# experts top-2 on odd layers, an 84 px tower whose 6x6 patch grid gives 36 image tokens
+# experts top-2 on odd layers, an 84 px tower whose 6x6 patch grid gives 36 image tokens;
+# CLIP's pixel statistics (the config's defaults), which suit the tests' noise images
+DEFAULTS = LongLLaVAConfig.model_fields
 TINY = DEFAULT_CONFIG.model_copy(update=dict(
     hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
     mamba_d_state=4, mamba_dt_rank=4, mm_hidden_size=16,
+    image_mean=DEFAULTS["image_mean"].default, image_std=DEFAULTS["image_std"].default,
     vision_config=VisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=84, projection_dim=16
     ),
