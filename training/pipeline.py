@@ -15,6 +15,9 @@
 4. the result in half precision, with a manifest of how it was made; ``--install``
    writes it into ``model/weights/default``, where ``default_model()`` finds it.
 
+An interrupted run resumes with the same command: finished data and tower are kept, and
+each stage resumes from its newest checkpoint (a finished stage from its last).
+
 Training seeds and evaluation seeds never meet: data comes from seeds below
 ``EVAL_SEED``, and ``training.evaluate`` plays episodes from ``EVAL_SEED`` on.
 """
@@ -107,7 +110,11 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- data
 def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
-    """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``."""
+    """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``. Data that an
+    interrupted run finished (the trajectories are written last) is kept."""
+    if (root / "trajectories.jsonl").exists():
+        names = ("screens", "captions", "questions", "sequences", "texts")
+        return {**{name: root / "screens" / f"{name}.jsonl" for name in names}, "trajectories": root / "trajectories.jsonl"}
     writer = synthetic.Writer(root / "screens")
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
     files = {
@@ -144,6 +151,21 @@ def data_hash(files: dict[str, Path]) -> str:
 
 
 # ----------------------------------------------------------------------------- stages
+def tower(preset: Preset, screens: Path, run: Path, seed: int) -> tuple[float, float]:
+    """The seeded model with its tower pretrained, in ``run/model`` (kept when an
+    interrupted run finished it); returns the first loss and the mean of the last five."""
+    if not (run / "model" / "config.json").exists():
+        architecture = LongLLaVAConfig.model_validate(preset.architecture)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LongLLaVA(architecture)
+        run.mkdir(parents=True, exist_ok=True)
+        pretrain_tower(model, screens, preset.tower_steps, seed=seed, log=run / "metrics.jsonl")
+        save_checkpoint(model, run / "model")
+    curve = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return curve[0], sum(curve[-5:]) / 5
+
+
 def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int) -> list[TrainConfig]:
     def source(name: str, fraction: float = 1.0) -> DataSource:
         return DataSource(path=str(files[name]), fraction=fraction)
@@ -183,15 +205,7 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False) -> di
     done("data", tick)
 
     tick = time.perf_counter()
-    architecture = LongLLaVAConfig.model_validate(preset.architecture)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LongLLaVA(architecture)
-    (runs / "tower").mkdir(parents=True, exist_ok=True)
-    tower_losses = pretrain_tower(model, files["screens"], preset.tower_steps, seed=seed,
-                                  log=runs / "tower" / "metrics.jsonl")
-    save_checkpoint(model, runs / "tower" / "model")
-    losses["tower"] = (tower_losses[0], sum(tower_losses[-5:]) / 5)
+    losses["tower"] = tower(preset, files["screens"], runs / "tower", seed)
     done("tower", tick)
 
     for config in stage_configs(preset, files, runs, seed):

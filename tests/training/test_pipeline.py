@@ -26,6 +26,13 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path)
         episode = json.loads(line)["image"][0]
         meta = json.loads((__import__("pathlib").Path(episode).parent / "meta.json").read_text())
         assert meta["seed"] < EVAL_SEED
+    # the same command again resumes: data, tower and every finished stage are kept
+    again = run("smoke", tmp_path)
+    assert again["data_sha256"] == manifest["data_sha256"]
+    assert {s: (v["first_loss"], v["last_loss"]) for s, v in again["stages"].items()} == \
+        {s: (v["first_loss"], v["last_loss"]) for s, v in manifest["stages"].items()}
+    resumed = load_checkpoint(tmp_path / "model")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "config.json").exists(), reason="the demo weights are not built")
