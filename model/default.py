@@ -1,4 +1,5 @@
-"""The embedded default model: LongLLaVA's whole structure at laptop size, trained.
+"""The embedded default model: LongLLaVA's whole structure at laptop size, trained (what it
+learned, and what it did not, is in docs/benchmarks.md).
 
 Eight hybrid layers with attention at layer 4 (1 in 8), MoE with 4 experts top-2 on odd
 layers, a 4-layer CLIP-style tower at 168 px whose 12x12 patch grid pools to 36 tokens
