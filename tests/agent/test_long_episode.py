@@ -15,11 +15,12 @@ from agent.actions import GRAMMAR_HELP
 from agent.policy import ModelPolicy
 from envs.rollout import run_rollout
 from envs.trajectory import read_trajectory
+from model.default import DEFAULT_CONFIG
 from model.prompt import IMAGE_TOKEN_INDEX
 from model.tokenizer import ByteTokenizer, tokenize_prompt
 
 STEPS = 300
-IMAGE_TOKENS = 144  # the 24x24 CLIP grid pooled to 12x12
+IMAGE_TOKENS = DEFAULT_CONFIG.image_tokens  # the embedded model's pooled grid
 MAX_NEW_TOKENS = 8
 
 
