@@ -8,13 +8,14 @@ as PNG). Next to the app, an in-process ``Engine`` with the same weights and the
 checkpoint settings runs the same steps, and the served replies are checked against it.
 
 - **Step latency.** One session on ``two`` and one in-process grow one step at a time: a
-  screenshot pooled to 144 tokens plus a line of text, then an 8-token greedy reply (the
-  steps of ``bench/checkpoint.py``). A served step is one request, ``POST .../step``
-  (``RemoteBackend.step``, as ``Agent.step`` sends it). At 10, 100 and 500 steps the next
-  ``2 x rounds`` steps are timed in interleaved order, alternating which goes first; every
-  other served step goes as two requests instead (``append``, then ``generate``), for
-  comparison on the same session. Each round also times one ``GET`` of the session's info:
-  a request's round trip through HTTP and both deployments, with no model work.
+  screenshot (36 tokens on the embedded model; ``--image-tokens 144`` for LongLLaVA's 144)
+  plus a line of text, then an 8-token greedy reply (the steps of ``bench/checkpoint.py``).
+  A served step is one request, ``POST /v1/sessions/{id}/step`` (``RemoteBackend.step``, as
+  ``Agent.step`` sends it). At 10, 100 and 500 steps the next ``2 x rounds`` steps are
+  timed in interleaved order, alternating which goes first; every other served step goes
+  as two requests instead (``append``, then ``generate``), for comparison on the same
+  session. Each round also times one ``GET`` of the session's info: a request's round trip
+  through HTTP and both deployments, with no model work.
 - **Failover.** Right after each of those, the next observation is appended, the replica
   holding the session is killed (``ray.kill``), and its 1-token reply is asked for: the
   time from the kill to that token, which the other replica serves after restoring the
@@ -37,6 +38,7 @@ puts them on an equal footing, to measure what HTTP and Serve themselves add.
     python -m bench.serve --worker-niceness 0 --out docs/bench/serve-nice0.json
     python -m bench.serve --steps 10 50 --rounds 3 --load-steps 5   # quicker
     python -m bench.serve --parts latency --out docs/bench/serve-step.json   # step latency only
+    python -m bench.serve --parts latency --image-tokens 144   # with 144-token screenshots
 """
 
 from __future__ import annotations
@@ -78,16 +80,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_apps(root: Path, worker_niceness: int | None = None, names: set[str] = frozenset(APPS)) -> dict[str, str]:
-    """Ray, Serve and the apps ``names`` on 127.0.0.1; each app's URL. Ray runs its workers
-    (the replicas among them) at ``worker_niceness``, 15 unless set."""
+def model_copy(root: Path, image_tokens: int | None) -> str | None:
+    """None: the embedded default model as it ships. Else a copy of its weights whose images
+    pool to ``image_tokens`` (144: the 12x12 grid its 168 px tower gives, unpooled), for
+    steps of the size LongLLaVA's own 144-token images make."""
+    from model.default import DEFAULT_CONFIG, WEIGHTS_DIR
+
+    if image_tokens is None or image_tokens == DEFAULT_CONFIG.image_tokens:
+        return None
+    path = root / f"default-{image_tokens}"
+    shutil.copytree(WEIGHTS_DIR, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "image_tokens": image_tokens}, indent=1))
+    return str(path)
+
+
+def start_apps(root: Path, worker_niceness: int | None = None, names: set[str] = frozenset(APPS), model: str | None = None) -> dict[str, str]:
+    """Ray, Serve and the apps ``names`` on 127.0.0.1, serving ``model`` (None: the embedded
+    default); each app's URL. Ray runs its workers (the replicas among them) at
+    ``worker_niceness``, 15 unless set."""
     from serving.application import AppArgs, app
 
     if worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(worker_niceness)
 
     built = {  # built before Ray starts: the builder keeps Ray on loopback
-        name: app(AppArgs(checkpoint_dir=str(root / name), replicas=replicas, cpus_per_replica=1))
+        name: app(AppArgs(model=model, checkpoint_dir=str(root / name), replicas=replicas, cpus_per_replica=1))
         for name, replicas in APPS.items() if name in names
     }
     import ray
@@ -337,15 +355,19 @@ def main() -> None:
     p.add_argument("--decode-rounds", type=int, default=5, help="timed generations per session count (median reported)")
     p.add_argument("--load-sessions", type=int, default=32)
     p.add_argument("--load-steps", type=int, default=30)
+    p.add_argument("--image-tokens", type=int, choices=(36, 144), default=None,
+                   help="tokens per screenshot (default: the embedded model's own, 36; 144: its weights with the grid unpooled)")
     p.add_argument("--worker-niceness", type=int, default=None, help="the replicas' niceness (Ray's default: 15; this process runs at 0)")
     p.add_argument("--out", type=Path, default=Path("docs/bench/serve.json"))
     args = p.parse_args()
     torch.set_num_threads(1)  # as each replica
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     parts = set(args.parts)
-    urls = start_apps(root, args.worker_niceness, set().union(*(PARTS[part] for part in parts)))
-    engine = Engine(device="cpu", checkpoint_dir=root / "in-process", rollback_window=ROLLBACK_WINDOW)
-    result = {"command": "python -m bench.serve " + " ".join(sys.argv[1:]), "machine": machine()}
+    model = model_copy(root, args.image_tokens)
+    urls = start_apps(root, args.worker_niceness, set().union(*(PARTS[part] for part in parts)), model)
+    engine = Engine.from_pretrained(model, device="cpu", checkpoint_dir=root / "in-process", rollback_window=ROLLBACK_WINDOW)
+    result = {"command": "python -m bench.serve " + " ".join(sys.argv[1:]), "machine": machine(),
+              "image_tokens": engine.model.config.image_tokens}
     if parts & {"latency", "failover"}:
         result["latency"], result["failover"] = latency_and_failover(urls["two"], engine, root / "in-process", args.steps, args.rounds, parts)
     if "decode" in parts:
