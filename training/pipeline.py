@@ -54,6 +54,7 @@ EVAL_SEED = 1_000_000  # evaluation plays seeds from here on; every training see
 log = logging.getLogger(__name__)
 
 PERCEPTION = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.3, "OrderEvents": 0.3, "NeedleFrame": 0.3}
+READING = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.15, "OrderEvents": 0.15, "NeedleFrame": 0.15}
 SEQUENCE = {"RecallCode": 1.0, "ClickTarget": 0.5, "OrderEvents": 0.3, "CountEvents": 0.3, "NeedleFrame": 0.3}
 
 
@@ -77,6 +78,7 @@ class Preset:
     texts: int
     trajectories: tuple[Episodes, ...]
     tower_steps: int
+    tower_lr: float
     steps: dict[str, int]  # stage -> optimizer steps
     batch: dict[str, int]  # stage -> samples per step
     lr: float = 1e-3
@@ -93,16 +95,16 @@ PRESETS = {
     "smoke": Preset(
         architecture=TINY_ARCH, screens=64, captions=48, questions=48, sequences=24, texts=16,
         trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
-        tower_steps=20, steps={"align": 12, "single": 12, "multi": 10, "trajectory": 10},
+        tower_steps=20, tower_lr=3e-3, steps={"align": 12, "single": 12, "multi": 10, "trajectory": 10},
         batch={"align": 8, "single": 8, "multi": 4, "trajectory": 2}, lr=3e-3,
     ),
     "demo": Preset(
-        architecture=DEFAULT_CONFIG.to_dict(), screens=4000, captions=800, questions=8000, sequences=600, texts=300,
+        architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, questions=8000, sequences=600, texts=300,
         trajectories=(
             Episodes("RecallCode", 120, (2, 4, 8, 16)), Episodes("ClickTarget", 100, (0,)),
             Episodes("OrderEvents", 16, (4,)), Episodes("CountEvents", 16, (4,)), Episodes("NeedleFrame", 16, (6,)),
         ),
-        tower_steps=600, steps={"align": 40, "single": 400, "multi": 60, "trajectory": 100},
+        tower_steps=1400, tower_lr=3e-3, steps={"align": 40, "single": 400, "multi": 60, "trajectory": 100},
         batch={"align": 16, "single": 16, "multi": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
@@ -118,7 +120,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     writer = synthetic.Writer(root / "screens")
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
     files = {
-        "screens": synthetic.screens(writer, preset.screens, seed + 1, PERCEPTION, side),
+        "screens": synthetic.screens(writer, preset.screens, seed + 1, READING, side),
         "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
         "questions": synthetic.questions(writer, preset.questions, seed + 3, PERCEPTION),
         "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),
@@ -160,7 +162,7 @@ def tower(preset: Preset, screens: Path, run: Path, seed: int) -> tuple[float, f
             torch.manual_seed(seed)
             model = LongLLaVA(architecture)
         run.mkdir(parents=True, exist_ok=True)
-        pretrain_tower(model, screens, preset.tower_steps, seed=seed, log=run / "metrics.jsonl")
+        pretrain_tower(model, screens, preset.tower_steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl")
         save_checkpoint(model, run / "model")
     curve = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     return curve[0], sum(curve[-5:]) / 5

@@ -31,7 +31,7 @@ from PIL import Image
 import envs  # noqa: F401  (registers the tasks)
 from envs.actions import Click, format_action
 from envs.base import Episode
-from envs.render import PALETTE, TITLE_HEIGHT, Icon, Label, Panel, Screen, render
+from envs.render import PALETTE, Icon, Label, Panel, Screen, glyphs, render
 
 COLOR_NAMES = {rgb: name for name, rgb in PALETTE.items()}
 SIZE = 336  # the envs' default screen, which the agent sees
@@ -132,43 +132,41 @@ TASKS = {  # task -> constructor arguments for short episodes that cover every s
 }
 
 
-def _ink(element: Panel | Label | Icon) -> tuple[int, int, int, int]:
-    """The box an element's text or shape covers, in 0..1000 units (a text's width
-    estimated from its length: glyphs average about 0.55 of the font size)."""
-    match element:
-        case Panel():  # the label is centred, at half the panel's height, shrunk to fit
-            x0, y0, x1, y1 = element.box
-            size = (y1 - y0) // 2
-            width = min(int(0.9 * (x1 - x0)), len(element.label) * size * 11 // 20)
-            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-            return cx - width // 2, cy - size // 2, cx + width // 2 + 1, cy + size // 2 + 1
-        case Label():
-            x, y = element.xy
-            return x, y, x + len(element.text) * element.size * 11 // 20 + 1, y + element.size
-        case Icon():
-            (x, y), r = element.center, element.radius
-            return x - r, y - r, x + r + 1, y + r + 1
+GLYPH_ROWS, GLYPH_COLUMNS = 2, 4  # glyph slots in each cell: two lines of four
+CELL_SLOTS = GLYPH_ROWS * GLYPH_COLUMNS + 6 + 2  # glyphs, a button's centre ("xxxyyy"), an icon
+EMPTY = " "  # a slot that shows nothing (spaces are never a glyph)
+SHAPE_CODES = {"circle": "c", "square": "q", "triangle": "t", "diamond": "d", "star": "s", "hexagon": "h"}
 
 
-def cell_texts(screen: Screen, side: int) -> list[str]:
-    """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row:
-    the title, each element's text or icon, with its centre in the action grammar's
-    units ("Save 314 219"), in every cell its ink overlaps. This is what
-    ``training.tower`` teaches each pooled image token to see."""
-    title = Label((25, TITLE_HEIGHT // 5), screen.title, TITLE_HEIGHT * 3 // 5)
-    cells: list[list[str]] = [[] for _ in range(side * side)]
-    for element in (title, *screen.elements):
-        if not (text := describe(element) if not isinstance(element, Panel) else element.label):
-            continue
-        x0, y0, x1, y1 = _ink(element)
-        if isinstance(element, Panel):  # where to click it
-            x0_, y0_, x1_, y1_ = element.box
-            text = f"{text} {(x0_ + x1_) // 2} {(y0_ + y1_) // 2}"
-        columns = range(max(0, x0) * side // 1000, min(side, (min(x1, 1000) - 1) * side // 1000 + 1))
-        for row in range(max(0, y0) * side // 1000, min(side, (min(y1, 1000) - 1) * side // 1000 + 1)):
-            for column in columns:
-                cells[row * side + column].append(text)
-    return ["; ".join(texts) for texts in cells]
+def cell_slots(screen: Screen, side: int) -> list[str]:
+    """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row, as
+    ``CELL_SLOTS`` characters at fixed places: each glyph whose centre falls in the cell,
+    in the slot of its sub-cell (two rows of four); the centre, in the action grammar's
+    units, of a labelled panel whose centre falls in it (where to click it); and the
+    colour's initial and shape code of an icon centred in it. This is what
+    ``training.tower`` teaches each pooled image token to see: every slot depends on
+    pixels at a fixed place in the cell, which a patch tower learns quickly (whole strings
+    per cell were learnt at chance level)."""
+    cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]
+
+    def cell(x: float, y: float, scale: float) -> tuple[list[str], float, float]:
+        fx, fy = min(x * side / scale, side - 1e-6), min(y * side / scale, side - 1e-6)
+        return cells[int(fy) * side + int(fx)], fx % 1, fy % 1
+
+    for ch, x, y in glyphs(screen, SIZE, SIZE):
+        slots, fx, fy = cell(x, y, SIZE)
+        slots[int(fy * GLYPH_ROWS) * GLYPH_COLUMNS + int(fx * GLYPH_COLUMNS)] = ch
+    glyph_slots = GLYPH_ROWS * GLYPH_COLUMNS
+    for element in screen.elements:
+        match element:
+            case Panel(label=label) if label:
+                cx, cy = (min(v, 999) for v in _centre(element.box))
+                slots, _, _ = cell(cx, cy, 1000)
+                slots[glyph_slots: glyph_slots + 6] = f"{cx:03d}{cy:03d}"
+            case Icon():
+                slots, _, _ = cell(*element.center, 1000)
+                slots[-2:] = COLOR_NAMES.get(element.fill, "?")[0], SHAPE_CODES[element.shape]
+    return ["".join(slots) for slots in cells]
 
 
 def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> tuple[str, Episode]:
@@ -176,17 +174,19 @@ def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> t
     return task, episode(task, seed * 1_000_003 + k, **TASKS[task])
 
 
-def _screens(seed: int, n: int, weights: dict[str, float]) -> Iterator[Screen]:
-    """``n`` screens, each drawn from an episode of a task picked by weight."""
+def _screens(seed: int, n: int, weights: dict[str, float], first_share: float = 0.0) -> Iterator[Screen]:
+    """``n`` screens, each drawn from an episode of a task picked by weight; the episode's
+    first screen (what a task asks to remember) at least ``first_share`` of the time."""
     rng = random.Random(seed)
     for k in range(n):
         _, ep = _draw(rng, seed, k, weights)
-        yield ep.screens[rng.randrange(len(ep.screens))]
+        yield ep.screens[0 if rng.random() < first_share else rng.randrange(len(ep.screens))]
 
 
 def screens(writer: Writer, n: int, seed: int, weights: dict[str, float], side: int) -> Path:
-    """``n`` screens with what each cell of a ``side`` x ``side`` grid shows, for ``training.tower``."""
-    records = ({"image": writer.image(s), "cells": cell_texts(s, side)} for s in _screens(seed, n, weights))
+    """``n`` screens with what each cell of a ``side`` x ``side`` grid shows, for
+    ``training.tower``; 60% are first screens, which show what the tasks ask about."""
+    records = ({"image": writer.image(s), "cells": cell_slots(s, side)} for s in _screens(seed, n, weights, 0.6))
     return writer.write("screens", records)
 
 

@@ -16,18 +16,6 @@ from training.trainer import Trainer
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every socket on 127.0.0.1
-    here = str(Path(__file__).parent)
-    # workers import this module (for the crashing worker) and the project from the same paths
-    paths = os.pathsep.join([here, str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2,
-             runtime_env={"env_vars": {"PYTHONPATH": paths, "OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
-
-
 def config(tmp_path, out, **kw) -> TrainConfig:
     records = [qa(f"<image>\nWhich {k}?", f"it is {k % 5}", image=write_image(tmp_path / f"i{k}.png", k)) for k in range(10)]
     records += [qa(f"Count to {k}.", " ".join(map(str, range(k)))) for k in range(1, 7)]
