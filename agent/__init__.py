@@ -22,7 +22,7 @@ from .actions import (
     Key,
     ParsedAction,
     Scroll,
-    Type,
+    TypeText,
     Wait,
     format_action,
     parse_action,
@@ -34,6 +34,6 @@ from .remote import RemoteBackend
 
 __all__ = [
     "ACTION", "FALLBACK", "Action", "Agent", "Answer", "Backend", "Click", "Generation", "Key",
-    "LocalBackend", "NoSessionError", "Observation", "ParsedAction", "RemoteBackend", "Scroll", "StepRecord", "Type",
+    "LocalBackend", "NoSessionError", "Observation", "ParsedAction", "RemoteBackend", "Scroll", "StepRecord", "TypeText",
     "Wait", "format_action", "parse_action", "step_pieces",
 ]

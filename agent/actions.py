@@ -9,8 +9,10 @@
     wait()           do nothing this step
     answer("text")   give the final answer
 
-String arguments are JSON string literals. This is the grammar envs/actions.py reads;
-`to_text` writes its canonical form, so an environment accepts every `Action`.
+String arguments are JSON string literals. The grammar's one truth is envs/actions.py
+(agent/ must not import envs, which imports agent for `--agent model`): the same names,
+bounds and canonical text, checked over every action kind by tests/agent. `to_text`
+writes the canonical form, so an environment accepts every `Action`.
 
 Model output is read leniently by `parse_action`: the first call anywhere in the text
 counts (after "Action:", inside prose, verb in any case). Output with no valid call never
@@ -26,8 +28,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-COORDINATE_MAX = 1000
-SCROLL_MAX = 1000  # a screen's span in coordinate units; a larger number is a runaway, not a scroll
+COORDINATE_MAX = 1000  # as envs.actions
+SCROLL_MAX = 1000  # as envs.actions: a screen's span; a larger number is a runaway, not a scroll
 
 
 def _encodable(text: str) -> str:
@@ -57,7 +59,7 @@ class Click(_Action):
     y: Coordinate
 
 
-class Type(_Action):
+class TypeText(_Action):
     kind: Literal["type"] = "type"
     text: UnicodeText
 
@@ -82,7 +84,7 @@ class Answer(_Action):
     text: UnicodeText
 
 
-Action = Annotated[Click | Type | Scroll | Key | Wait | Answer, Field(discriminator="kind")]
+Action = Annotated[Click | TypeText | Scroll | Key | Wait | Answer, Field(discriminator="kind")]
 ACTION = TypeAdapter(Action)  # validates an action from a dict or JSON, e.g. off the wire
 FALLBACK = Wait()
 

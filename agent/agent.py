@@ -6,8 +6,9 @@
 
 The history stays in the backend's session, so a step sends only the new observation and
 costs only its tokens, however long the episode. Each step appends its user turn with
-its step number, generates the reply, and parses it (`agent.actions.parse_action`): a
-reply that is not an action becomes `wait()`, with the raw text kept in `records`.
+its step number and generates the reply, in one backend call (`Backend.step`: one request
+to a remote server), and parses it (`agent.actions.parse_action`): a reply that is not an
+action becomes `wait()`, with the raw text kept in `records`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import weakref
 from dataclasses import dataclass
 from time import perf_counter
 
-from serving.types import SamplingParams
+from serving.types import SamplingParams, StepReply
 
 from .actions import Action, ParsedAction, parse_action
-from .backend import Backend
+from .backend import Backend, append_then_generate
 from .prompt import Observation, step_pieces
 
 
@@ -36,7 +37,7 @@ class StepRecord:
     observation_tokens: int  # what the append added to the history: the new observation alone
     generated_tokens: int
     length: int  # the session's history, in tokens, after the step
-    timings: dict[str, float]  # seconds by phase: model_append_s, model_generate_s, parse_s
+    timings: dict[str, float]  # seconds by phase: model_step_s (the observation's append and its reply), parse_s
 
 
 class Agent:
@@ -71,24 +72,25 @@ class Agent:
             close_turn=bool(self.records) and self.records[-1].finish_reason != "eos",
         )
         tick = perf_counter()
-        appended = self.backend.append(session, pieces, step=step)
-        appended_at = perf_counter()
         try:
-            reply = self.backend.generate(session, self.sampling, step)
+            done = self._take_step(session, pieces, step)
         except BaseException:
             self.backend.rollback(session, step - 1)  # a step happens whole or not at all
             raise
-        generated_at = perf_counter()
+        stepped_at = perf_counter()
+        reply = done.generation
         parsed = parse_action(reply.text)
-        timings = {
-            "model_append_s": appended_at - tick,
-            "model_generate_s": generated_at - appended_at,
-            "parse_s": perf_counter() - generated_at,
-        }
+        timings = {"model_step_s": stepped_at - tick, "parse_s": perf_counter() - stepped_at}
         self.records.append(
-            StepRecord(step, parsed, reply.finish_reason, appended.tokens, reply.tokens, reply.length, timings)
+            StepRecord(step, parsed, reply.finish_reason, done.appended.tokens, reply.tokens, reply.length, timings)
         )
         return parsed.action
+
+    def _take_step(self, session: str, pieces: list, step: int) -> StepReply:
+        """The backend's `step`; for a backend written before it, its append and generate."""
+        if hasattr(self.backend, "step"):
+            return self.backend.step(session, pieces, step, self.sampling)
+        return append_then_generate(self.backend, session, pieces, step, self.sampling)
 
     def fork(self) -> "Agent":
         """An agent on a copy of this session, for search over actions: the two diverge

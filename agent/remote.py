@@ -5,15 +5,18 @@
 
 It implements the same protocol as `LocalBackend` and needs neither torch nor Ray: each
 step sends only the new observation (its images as PNG, which is lossless, so the server
-sees exactly the pixels a local engine would), in msgpack.
+sees exactly the pixels a local engine would), in msgpack. An agent's step (`step`) is one
+request, `POST /v1/sessions/{id}/step`, that appends the observation and returns its
+reply; `append` and `generate` are a request each.
 
-**Failover.** Every append and generation carries its step number, so a request can be
-re-sent: the server acknowledges a step it already has, and re-sends a reply it already
-generated. After a replica dies, the one that takes the session over restores it from
+**Failover.** Every append, generation and step carries its step number, so a request can
+be re-sent: the server acknowledges a step it already has, and re-sends a reply it already
+generated (or generates it, when only the observation got there). After a replica dies, the one that takes the session over restores it from
 the checkpoint store, which holds every step up to the last reply's `durable_step`; the
 steps after that may be lost. So the backend keeps each step after the durable one (the
 observation and the sampling of its reply) and, when the server answers that it expects
-an earlier step than the one sent, replays them in order. Sampling with a temperature is
+an earlier step than the one sent, replays them in order (a step whose reply was asked for
+as one request with it). Sampling with a temperature is
 given a seed here, so a replayed reply is the one the agent already read. Requests that
 fail in transit, or meet a 503 while the server fails over, are re-sent after a pause.
 """
@@ -44,7 +47,17 @@ from model.prompt import (
     tile_image,
 )
 from serving.errors import HTTP_ERRORS, ReplicaUnavailableError, StepGapError, UnknownSessionError
-from serving.types import AppendRequest, ErrorReply, Generation, GenerateRequest, ImagePart, SamplingParams, StepResult, TextPart
+from serving.types import (
+    AppendRequest,
+    ErrorReply,
+    Generation,
+    GenerateRequest,
+    ImagePart,
+    SamplingParams,
+    StepReply,
+    StepResult,
+    TextPart,
+)
 
 RETRY_PAUSES_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0)  # about 40 s in all
 MAX_REPLAYS = 3
@@ -53,8 +66,15 @@ ERRORS = {kind: error for error, (_, kind) in HTTP_ERRORS.items()}  # the server
 
 @dataclass
 class _Step:
-    body: bytes  # the append, encoded
-    sampling: SamplingParams | None = None  # its reply's, once generated
+    parts: list[TextPart | ImagePart]  # the observation, encoded (images as PNG)
+    sampling: SamplingParams | None = None  # its reply's, once asked for
+
+    def append_body(self, step: int) -> bytes:
+        return msgpack.packb(_append_fields(self.parts, step))
+
+    def step_body(self, step: int) -> bytes:
+        """The observation and its reply's sampling, as one request (``/step``, not streamed)."""
+        return msgpack.packb({**_append_fields(self.parts, step), "sampling": self.sampling.model_dump(mode="json"), "stream": False})
 
 
 @dataclass
@@ -80,17 +100,24 @@ class RemoteBackend:
 
     def append(self, session: str, pieces: Sequence[Piece], step: int) -> StepResult:
         s = self._session(session)
-        s.steps[step] = _Step(encode_append(pieces, step))
+        s.steps[step] = _Step(encode_parts(pieces))
         return self._append(session, step)
 
     def generate(self, session: str, sampling: SamplingParams, step: int | None) -> Generation:
         s = self._session(session)
-        if sampling.temperature > 0 and sampling.seed is None:
-            sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
+        sampling = _seeded(sampling)
         if step in s.steps:
             s.steps[step].sampling = sampling
         reply = Generation.model_validate(self._step_request(session, step, "generate", json=_generate_body(sampling, step)))
         self._forget_durable(s, reply.durable_step)
+        return reply
+
+    def step(self, session: str, pieces: Sequence[Piece], step: int, sampling: SamplingParams) -> StepReply:
+        """An agent's step in one request: the observation's append, then its reply."""
+        s = self._session(session)
+        kept = s.steps[step] = _Step(encode_parts(pieces), _seeded(sampling))
+        reply = StepReply.model_validate(self._step_request(session, step, "step", content=kept.step_body(step)))
+        self._forget_durable(s, reply.generation.durable_step)
         return reply
 
     def fork(self, session: str) -> str:
@@ -117,7 +144,7 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------ steps and replay
     def _append(self, session: str, step: int) -> StepResult:
-        body = self.sessions[session].steps[step].body
+        body = self.sessions[session].steps[step].append_body(step)
         result = StepResult.model_validate(self._step_request(session, step, "steps", content=body))
         self._forget_durable(self.sessions[session], result.durable_step)
         return result
@@ -137,16 +164,19 @@ class RemoteBackend:
         raise AssertionError("unreachable")
 
     def _replay(self, session: str, first: int, step: int, observation: bool) -> None:
-        """Re-send steps ``first`` up to ``step``, each observation then its reply, and
-        ``step``'s own observation when it is its reply that is being sent."""
+        """Re-send steps ``first`` up to ``step``, each observation with its reply (one
+        ``/step`` request), and ``step``'s own observation when it is its reply that is
+        being sent."""
         s = self.sessions[session]
         for n in range(first, step + observation):
             if n not in s.steps:
                 raise StepGapError(f"the server lost step {n}, which this client no longer holds", n)
             self.replays += 1
-            self._send("POST", f"/v1/sessions/{session}/steps", token=s.token, content=s.steps[n].body, media="application/msgpack")
-            if n < step and s.steps[n].sampling is not None:
-                self._send("POST", f"/v1/sessions/{session}/generate", token=s.token, json=_generate_body(s.steps[n].sampling, n))
+            kept = s.steps[n]
+            if n < step and kept.sampling is not None:
+                self._send("POST", f"/v1/sessions/{session}/step", token=s.token, content=kept.step_body(n), media="application/msgpack")
+            else:
+                self._send("POST", f"/v1/sessions/{session}/steps", token=s.token, content=kept.append_body(n), media="application/msgpack")
 
     @staticmethod
     def _forget_durable(s: _Session, durable_step: int | None) -> None:
@@ -200,11 +230,21 @@ def _generate_body(sampling: SamplingParams, step: int | None) -> dict:
     return GenerateRequest(**sampling.model_dump(), step=step, stream=False).model_dump(mode="json")
 
 
+def _seeded(sampling: SamplingParams) -> SamplingParams:
+    """Sampling with a temperature and no seed gets one, so a re-sent reply is the one already read."""
+    if sampling.temperature > 0 and sampling.seed is None:
+        return sampling.model_copy(update={"seed": secrets.randbits(63)})
+    return sampling
+
+
 # ---------------------------------------------------------------------------- encoding
-def encode_append(pieces: Sequence[Piece], step: int) -> bytes:
-    """An observation as the server's msgpack body: text parts, and images as PNG."""
-    parts = [TextPart(text=p.text) if isinstance(p, Text) else ImagePart(image=png(p.image)) for p in flat_pieces(pieces)]
-    return msgpack.packb(AppendRequest(parts=parts, step=step).model_dump(mode="python"))
+def encode_parts(pieces: Sequence[Piece]) -> list[TextPart | ImagePart]:
+    """An observation as the server's parts: text, and images as PNG."""
+    return [TextPart(text=p.text) if isinstance(p, Text) else ImagePart(image=png(p.image)) for p in flat_pieces(pieces)]
+
+
+def _append_fields(parts: list[TextPart | ImagePart], step: int) -> dict:
+    return AppendRequest(parts=parts, step=step).model_dump(mode="python")
 
 
 def flat_pieces(pieces: Sequence[Piece]) -> list[Text | Image]:

@@ -3,14 +3,20 @@
     click(x, y)      x and y are integers in 0..1000, relative to the screenshot's
                      width and height (the UI-TARS v1 / CogAgent / OS-Atlas convention)
     type("text")     type text into the focused field
-    scroll(dx, dy)   integers; positive dy scrolls down, positive dx scrolls right
+    scroll(dx, dy)   integers in -1000..1000 (a screen's span); positive dy scrolls down,
+                     positive dx scrolls right
     key("name")      press a key: key("Enter"), key("a"), key("ctrl+a")
     wait()           do nothing this step
     answer("text")   give the final answer
 
-String arguments are JSON string literals (double quotes, backslash escapes). Spaces
-around tokens are allowed; anything else is malformed. The agent (agent/) writes and
-parses the same grammar; envs only needs to read it.
+String arguments are JSON string literals (double quotes, backslash escapes) holding
+text that UTF-8 can encode (no lone surrogates). Spaces around tokens are allowed;
+anything else is malformed.
+
+This module is the grammar's one truth. The agent's typed actions (agent/actions.py)
+must mean the same: its tests check, for every action kind, that each side reads the
+other's text as the same action and that both refuse the same out-of-range values. The
+env tasks import nothing outside envs, so the agent cannot be the truth.
 
 `parse_action` never raises: a malformed string gives None, which an environment
 scores as a wrong action. `format_action` writes the canonical text, and
@@ -24,6 +30,7 @@ import re
 from dataclasses import dataclass
 
 COORDINATE_MAX = 1000  # click coordinates run over 0..COORDINATE_MAX on both axes
+SCROLL_MAX = 1000  # scroll amounts run over -SCROLL_MAX..SCROLL_MAX
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ def parse_action(text: str) -> Action | None:
             return None
         a, b = int(numbers[1]), int(numbers[2])
         if verb == "scroll":
-            return Scroll(a, b)
+            return Scroll(a, b) if abs(a) <= SCROLL_MAX and abs(b) <= SCROLL_MAX else None
         in_range = 0 <= a <= COORDINATE_MAX and 0 <= b <= COORDINATE_MAX
         return Click(a, b) if in_range else None
     if verb in ("type", "key", "answer"):
@@ -91,7 +98,8 @@ def parse_action(text: str) -> Action | None:
             return None
         try:
             value = json.loads(literal[1], strict=False)  # strict=False admits raw newlines
-        except ValueError:
+            value.encode("utf-8")  # a lone surrogate (from a \ud800 escape) cannot be typed
+        except ValueError:  # UnicodeEncodeError included
             return None
         if verb == "type":
             return TypeText(value)

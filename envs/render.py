@@ -141,23 +141,58 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=max(size, 6))
 
 
+def _panel_font(panel: Panel, width: int, height: int) -> ImageFont.FreeTypeFont:
+    """Half the panel's height, shrunk until the label fits in 90% of its width."""
+    x0, y0, x1, y1 = _pixels(panel.box, width, height)
+    font = _font((y1 - y0) // 2)
+    longest = 0.9 * (x1 - x0)
+    if font.getlength(panel.label) > longest:
+        font = _font(int(font.size * longest / font.getlength(panel.label)))
+    return font
+
+
 def _panel(draw: ImageDraw.ImageDraw, panel: Panel, width: int, height: int) -> None:
     x0, y0, x1, y1 = _pixels(panel.box, width, height)
     if x1 <= x0 or y1 <= y0:
         return
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=panel.fill, outline=panel.outline)
     if panel.label:
-        font = _font((y1 - y0) // 2)
-        longest = 0.9 * (x1 - x0)
-        if font.getlength(panel.label) > longest:  # shrink the font until the label fits
-            font = _font(int(font.size * longest / font.getlength(panel.label)))
+        font = _panel_font(panel, width, height)
         draw.text(((x0 + x1) / 2, (y0 + y1) / 2), panel.label, fill=panel.ink, font=font, anchor="mm")
+
+
+def _label_font(label: Label, height: int) -> ImageFont.FreeTypeFont:
+    return _font(label.size * height // COORDINATE_MAX)
 
 
 def _label(draw: ImageDraw.ImageDraw, label: Label, width: int, height: int) -> None:
     x, y = label.xy
     position = (x * width // COORDINATE_MAX, y * height // COORDINATE_MAX)
-    draw.text(position, label.text, fill=label.ink, font=_font(label.size * height // COORDINATE_MAX))
+    draw.text(position, label.text, fill=label.ink, font=_label_font(label, height))
+
+
+def glyphs(screen: Screen, width: int, height: int) -> list[tuple[str, float, float]]:
+    """Where `render` draws each visible character of the screen's text (the title's,
+    panels' and labels'), as (character, x, y) of its centre in pixels: the ground truth
+    for a model learning to read screenshots. Spaces are left out."""
+    title = Label((25, TITLE_HEIGHT // 5), screen.title, TITLE_HEIGHT * 3 // 5, WHITE)
+    out = []
+    for element in (title, *screen.elements):
+        match element:
+            case Panel(label=text) if text:
+                x0, y0, x1, y1 = _pixels(element.box, width, height)
+                font = _panel_font(element, width, height)
+                left, middle = (x0 + x1) / 2 - font.getlength(text) / 2, (y0 + y1) / 2
+            case Label(text=text):
+                font = _label_font(element, height)
+                top = font.getbbox(text)
+                left = element.xy[0] * width // COORDINATE_MAX
+                middle = element.xy[1] * height // COORDINATE_MAX + (top[1] + top[3]) / 2
+            case _:
+                continue
+        out += [(ch, left + font.getlength(text[:k]) + font.getlength(ch) / 2, middle)
+                for k, ch in enumerate(text) if not ch.isspace()]
+    return out
 
 
 def _icon(draw: ImageDraw.ImageDraw, icon: Icon, width: int, height: int) -> None:

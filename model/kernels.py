@@ -79,21 +79,23 @@ def _scan(dA: torch.Tensor, dBx: torch.Tensor, C: torch.Tensor, h0: torch.Tensor
     ``h0``: ``[batch, d_inner, d_state]``. Returns ``(y [batch, T, d_inner], h_T)``.
     """
     q = _block_size(dA.shape[1])
-    a, b, c = dA.unflatten(1, (-1, q)), dBx.unflatten(1, (-1, q)), C.unflatten(1, (-1, q))
+    # unbind, not indexing: in autograd, the backward of each index op would write a
+    # gradient the size of the whole input, and the backward pass would cost O(T^1.5)
+    a, b, c = (t.unflatten(1, (-1, q)).unbind(2) for t in (dA, dBx, C))
 
     # 1. in-block states from zero, and the decay accumulated since each block's start
-    states, decays = [b[:, :, 0]], [a[:, :, 0]]
+    states, decays = [b[0]], [a[0]]
     for j in range(1, q):
-        states.append(torch.addcmul(b[:, :, j], a[:, :, j], states[-1]))
-        decays.append(a[:, :, j] * decays[-1])
+        states.append(torch.addcmul(b[j], a[j], states[-1]))
+        decays.append(a[j] * decays[-1])
     # 2. the state entering each block
     incoming, h = [], h0
-    for k in range(a.shape[1]):
+    for last_state, last_decay in zip(states[-1].unbind(1), decays[-1].unbind(1)):
         incoming.append(h)
-        h = torch.addcmul(states[-1][:, k], decays[-1][:, k], h)
+        h = torch.addcmul(last_state, last_decay, h)
     entering = torch.stack(incoming, 1)  # [batch, blocks, d, n]
     # 3. read out position j of every block
-    ys = [torch.einsum("bkdn,bkn->bkd", torch.addcmul(states[j], decays[j], entering), c[:, :, j]) for j in range(q)]
+    ys = [torch.einsum("bkdn,bkn->bkd", torch.addcmul(states[j], decays[j], entering), c[j]) for j in range(q)]
     return torch.stack(ys, 2).flatten(1, 2), h
 
 

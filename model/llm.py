@@ -6,19 +6,27 @@ with a Mamba-1 mixer otherwise; its feed-forward is a mixture of experts when
 has no positional embedding: the Mamba layers carry order.
 
 Every mixer reads and writes a ``SessionState``, so the same ``forward`` serves a first
-prefill, an append onto a long history, and one-token decode. Module names match the
+prefill, an append onto a long history, and one-token decode. ``forward_batch`` is the
+training path: a right-padded batch from empty states, always through the differentiable
+pure-PyTorch kernels (the Triton kernels have no backward), with optional activation
+checkpointing per layer. Module names match the
 LongLLaVA checkpoints' keys (``mamba``, ``self_attn``, ``moe``, ``pre_moe_layernorm``,
 ``final_layernorm``), so those load without renaming inside a layer.
 """
 
 from __future__ import annotations
 
+import math
+from types import ModuleType
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.checkpoint import checkpoint
+
+from . import kernels as reference
 from . import ops
 from .config import HybridLMConfig
 from .state import DecodeBatch, KVCache, MambaLayerState, SessionState
@@ -54,6 +62,17 @@ class MambaMixer(nn.Module):
         # Jamba's inner norms; the capitalised names are those of LongLLaVA's checkpoints
         norm = (lambda dim: RMSNorm(dim, config.rms_norm_eps)) if config.mamba_inner_layernorms else (lambda dim: nn.Identity())
         self.dt_layernorm, self.B_layernorm, self.C_layernorm = norm(r), norm(n), norm(n)
+        self._init_dt()
+
+    @torch.no_grad()
+    def _init_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba's initialisation of the step size, for training from scratch: softplus of
+        the bias is log-uniform in [dt_min, dt_max], so the state starts with memories of
+        10 to 1000 tokens. (nn.Linear's default bias would give dt near 0.7, a memory of
+        a few tokens, and a random model would learn to carry nothing far.)"""
+        self.dt_proj.weight.uniform_(-self.dt_rank**-0.5, self.dt_rank**-0.5)
+        dt = torch.empty_like(self.dt_proj.bias).uniform_(math.log(dt_min), math.log(dt_max)).exp()
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
 
     def _ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dt (before bias and softplus), B and C from the conv output ``x [..., d_inner]``."""
@@ -64,8 +83,18 @@ class MambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, state: MambaLayerState) -> torch.Tensor:
         if h.shape[1] == 1:
             return self.step(h, state)
-        k = ops.kernels_for(h.device)
-        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [1, d_inner, L] each
+        return self.chunk(h, state, ops.kernels_for(h.device))
+
+    def forward_full(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [batch, L, hidden]`` from zero states, through the differentiable reference kernels."""
+        b, d = h.shape[0], self.d_inner
+        k = self.conv1d.weight.shape[-1]
+        zeros = MambaLayerState(h.new_zeros(b, d, k), h.new_zeros(b, d, self.d_state, dtype=torch.float32))
+        return self.chunk(h, zeros, reference)
+
+    def chunk(self, h: torch.Tensor, state: MambaLayerState, k: ModuleType) -> torch.Tensor:
+        """A chunk ``h [batch, L, hidden]`` continuing from ``state`` (updated), on kernel set ``k``."""
+        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [batch, d_inner, L] each
         x, state.conv = k.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
@@ -100,15 +129,26 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor, caches: KVCache | list[KVCache]) -> torch.Tensor:
         """``h`` is ``[batch, L, hidden]`` with one cache per row. Each row attends to its own
         cache at its own length, so sessions of different histories decode together."""
-        b, L, _ = h.shape
         caches = [caches] if isinstance(caches, KVCache) else caches
-        if len(caches) != b:
-            raise ValueError(f"{b} rows of input but {len(caches)} K/V caches")
+        if len(caches) != h.shape[0]:
+            raise ValueError(f"{h.shape[0]} rows of input but {len(caches)} K/V caches")
+        out = ops.kernels_for(h.device).append_and_attend(*self._qkv(h), caches)
+        return self._out(out)
+
+    def forward_full(self, h: torch.Tensor) -> torch.Tensor:
+        """Causal attention within each row of ``h [batch, L, hidden]``, with no cache."""
+        return self._out(reference.attention(*self._qkv(h)))
+
+    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, L, _ = h.shape
         q = self.q_proj(h).view(b, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, L, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = ops.kernels_for(h.device).append_and_attend(q, k, v, caches)
-        return self.o_proj(out.transpose(1, 2).reshape(b, L, -1))
+        return q, k, v
+
+    def _out(self, out: torch.Tensor) -> torch.Tensor:
+        """``[batch, heads, L, head_dim]`` back to ``[batch, L, hidden]`` through ``o_proj``."""
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
@@ -166,12 +206,13 @@ class HybridBlock(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_moe_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, state: SessionState | DecodeBatch) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, state: SessionState | DecodeBatch | None) -> torch.Tensor:
+        """With a state, the next chunk of a session; with None, whole rows from empty states."""
         x = self.input_layernorm(h)
         if self.is_attention:
-            x = self.self_attn(x, state.kv[self.index])
+            x = self.self_attn(x, state.kv[self.index]) if state is not None else self.self_attn.forward_full(x)
         else:
-            x = self.mamba(x, state.mamba[self.index])
+            x = self.mamba(x, state.mamba[self.index]) if state is not None else self.mamba.forward_full(x)
         h = h + x
         return h + self.moe(self.pre_moe_layernorm(h))
 
@@ -186,8 +227,22 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_weights()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def _init_weights(self, std: float = 0.02) -> None:
+        """For training from scratch: embeddings, attention and feed-forward projections
+        N(0, std) with zero biases, as Jamba (``initializer_range`` 0.02); the Mamba mixers
+        keep mamba-ssm's own (PyTorch's defaults, and ``MambaMixer._init_dt``), whose
+        output gate would otherwise start near zero. PyTorch's default N(0, 1) embeddings
+        would drown what the layers and the image features add to the stream."""
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and ".mamba." not in f".{name}.":
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -242,6 +297,25 @@ class HybridLM(nn.Module):
             h = layer(h, batch)
         batch.advance(h[:, 0])
         return self.head(h[:, 0])
+
+    def forward_batch(self, embeds: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
+        """The final-normed hidden states ``[batch, L, hidden]`` of whole sequences ``embeds
+        [batch, L, hidden]``, each from an empty state: the training path.
+
+        Every op is causal, so right padding never changes the real positions. It runs the
+        pure-PyTorch kernels on every device, since the Triton kernels have no backward.
+        ``gradient_checkpointing`` recomputes each layer in the backward pass instead of
+        keeping its activations (the scan's are ``L x d_inner x d_state`` floats).
+        """
+        if embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"forward_batch takes [batch, L, {self.config.hidden_size}], got {tuple(embeds.shape)}")
+        h = embeds.to(self.dtype)
+        for layer in self.layers:
+            if gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, None, use_reentrant=False)
+            else:
+                h = layer(h, None)
+        return self.final_layernorm(h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full pass over ``input_ids [L]`` from an empty state: the logits of every position."""

@@ -282,11 +282,16 @@ class Engine:
         )
         return events
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raises for sampling this engine cannot do (before a step's append, so a bad
+        reply request leaves the history alone)."""
+        if sampling.logit_bias and not 0 <= min(sampling.logit_bias) <= max(sampling.logit_bias) < self.tokenizer.vocab_size:
+            raise ValueError(f"logit_bias names token ids outside the tokenizer's 0..{self.tokenizer.vocab_size - 1}")
+
     def _request(self, s: Session, sampling: SamplingParams) -> Request:
         if s.state.last_hidden is None:
             raise ValueError(f"session {s.id[:8]}… has nothing to generate from: append a prompt first")
-        if sampling.logit_bias and not 0 <= min(sampling.logit_bias) <= max(sampling.logit_bias) < self.tokenizer.vocab_size:
-            raise ValueError(f"logit_bias names token ids outside the tokenizer's 0..{self.tokenizer.vocab_size - 1}")
+        self.check_sampling(sampling)
         rng = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         return Request(s, OutputStream(self.tokenizer, self.model.config.eos_token_ids, sampling), rng, s.state.length)
 

@@ -18,6 +18,9 @@ Routes (all JSON unless said; errors are ``ErrorReply`` with a 4xx, or 503 to re
 - ``POST /v1/sessions/{id}/steps``: append an observation (msgpack, JSON or multipart);
 - ``POST /v1/sessions/{id}/generate``: Server-Sent Events (``token``, then ``done``, or
   ``error``), or one ``Generation`` with ``"stream": false``;
+- ``POST /v1/sessions/{id}/step``: an agent's step in one request, an append then its
+  reply's generation: an observation as for ``steps`` plus ``sampling`` (and ``stream``);
+  the events of ``generate`` after one ``appended`` event, or one ``StepReply``;
 - ``POST /v1/sessions/{id}/fork``, ``POST /v1/sessions/{id}/rollback``,
   ``GET /v1/sessions/{id}``, ``DELETE /v1/sessions/{id}``;
 - ``POST /v1/chat/completions`` and ``GET /v1/models``, as OpenAI's API; with an
@@ -31,7 +34,7 @@ import asyncio
 import itertools
 import secrets
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,12 +58,15 @@ from .types import (
     SamplingParams,
     SessionCreated,
     SessionInfo,
+    StepReply,
+    StepRequest,
     StepResult,
     TokenEvent,
 )
 from .uploads import read_append, to_pieces
 
 RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+Event = TypeVar("Event")
 
 api = FastAPI(
     title="LongLLaVA agent runtime",
@@ -132,6 +138,14 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(18)  # 144 random bits, as the engine's own ids
 
 
+def checked(sampling: SamplingParams, limits: Limits) -> SamplingParams:
+    if sampling.max_new_tokens > limits.max_new_tokens:
+        raise LimitExceededError(
+            f"max_new_tokens={sampling.max_new_tokens} is over the limit of {limits.max_new_tokens} (max_new_tokens)"
+        )
+    return sampling
+
+
 def seeded(sampling: SamplingParams) -> SamplingParams:
     """A seed for sampling that has none, so a generation re-sent after a failover samples the same tokens."""
     if sampling.temperature > 0 and sampling.seed is None:
@@ -148,16 +162,19 @@ async def create_session(request: Request, server: Ingress = Depends(current)) -
     return SessionCreated(session=session, token=server.access.token(session))
 
 
-@api.post(
-    "/v1/sessions/{session}/steps", response_model=StepResult, tags=["sessions"],
-    openapi_extra={"requestBody": {"content": {
-        "application/msgpack": {"schema": AppendRequest.model_json_schema()},
-        "application/json": {"schema": AppendRequest.model_json_schema()},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "text": {"type": "string"}, "image": {"type": "string", "format": "binary"},
-            "step": {"type": "integer"}, "user_turn": {"type": "boolean"}, "sync": {"type": "boolean"}}}},
-    }}},
-)
+def observation_body(model: type[AppendRequest], **fields: dict) -> dict:
+    """The OpenAPI request body of a route that takes an observation as ``model``, in each
+    of its encodings; ``fields``: a form's fields beside those of every append."""
+    form = {"text": {"type": "string"}, "image": {"type": "string", "format": "binary"},
+            "step": {"type": "integer"}, "user_turn": {"type": "boolean"}, "sync": {"type": "boolean"}, **fields}
+    return {"requestBody": {"content": {
+        "application/msgpack": {"schema": model.model_json_schema()},
+        "application/json": {"schema": model.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "properties": form}},
+    }}}
+
+
+@api.post("/v1/sessions/{session}/steps", response_model=StepResult, tags=["sessions"], openapi_extra=observation_body(AppendRequest))
 async def append(session: str, request: Request, token: str | None = Depends(session_token), server: Ingress = Depends(current)) -> StepResult:
     """Append one observation (text and PNG or JPEG images) as the next step."""
     server.access.check_token(session, token)
@@ -172,14 +189,33 @@ async def generate(session: str, body: GenerateRequest, request: Request, token:
     """Generate the step's reply: Server-Sent Events (``token`` events, then ``done``
     with the whole reply's counts, or ``error``), or one ``Generation``."""
     server.access.check_token(session, token)
-    sampling = body.sampling()
-    if sampling.max_new_tokens > server.limits.max_new_tokens:
-        raise LimitExceededError(
-            f"max_new_tokens={sampling.max_new_tokens} is over the limit of {server.limits.max_new_tokens} (max_new_tokens)"
-        )
+    sampling = seeded(checked(body.sampling(), server.limits))
     if not body.stream:
-        return JSONResponse((await server.generated(request, session, seeded(sampling), body.step)).model_dump())
-    return streaming(session_events(await started(server.generation(request, session, seeded(sampling), body.step))))
+        return JSONResponse((await server.generated(request, session, sampling, body.step)).model_dump())
+    return streaming(session_events(await started(server.generation(request, session, "generate", session, sampling, body.step, retry=body.step is not None))))
+
+
+@api.post(
+    "/v1/sessions/{session}/step", tags=["sessions"], responses={200: {"model": StepReply, "content": {"text/event-stream": {}}}},
+    openapi_extra=observation_body(StepRequest, sampling={"type": "string", "description": "SamplingParams as JSON"},
+                                   stream={"type": "boolean"}),
+)
+async def step(session: str, request: Request, token: str | None = Depends(session_token), server: Ingress = Depends(current)) -> Response:
+    """An agent's step in one request: append the observation (as ``steps`` does), then
+    generate its reply (as ``generate`` does, under the same step number). Server-Sent
+    Events (``appended`` with the append's result, then ``token`` events, then ``done``, or
+    ``error``), or one ``StepReply`` with ``"stream": false``. Re-sending a step is exact:
+    an observation already applied is acknowledged, and its reply re-sent or, if it was
+    not generated yet, generated."""
+    server.access.check_token(session, token)
+    body = await read_append(request, server.limits, StepRequest)
+    sampling = seeded(checked(body.sampling, server.limits))
+    pieces = to_pieces(body, server.limits)
+    args, retry = (session, pieces, body.step, body.sync, sampling), body.step is not None
+    if not body.stream:
+        appended, events = await server.call(request, session, "step_all", *args, retry=retry)
+        return JSONResponse(StepReply(appended=appended, generation=as_generation(events)).model_dump())
+    return streaming(session_events(await started(server.generation(request, session, "step", *args, retry=retry))))
 
 
 @api.post("/v1/sessions/{session}/fork", status_code=201, response_model=SessionCreated, tags=["sessions"])
@@ -245,7 +281,7 @@ async def chat_completions(
     try:
         appended = await server.call(request, session, "append", session, pieces, step, None)
         if body.stream:
-            events = await started(server.generation(request, session, sampling, step))
+            events = await started(server.generation(request, session, "generate", session, sampling, step, retry=True))
             chunks, closing = chat_stream(events, body, server.model_name, appended.tokens, closing), None
             return streaming(chunks)
         generation = await server.generated(request, session, sampling, step)
@@ -283,16 +319,24 @@ class Ingress:
         events = await self.call(request, session, "generate_all", session, sampling, step, retry=step is not None)
         return as_generation(events)
 
-    async def generation(self, request: Request, session: str, sampling: SamplingParams, step: int | None) -> AsyncIterator[list[TokenEvent]]:
-        """The generation's events in lists; after a failover, the re-sent generation
-        continues after the tokens already yielded (which it must repeat exactly)."""
+    async def generation(self, request: Request, session: str, method: str, *args, retry: bool) -> AsyncIterator[list[TokenEvent] | StepResult]:
+        """The events of a streaming ``method`` (``generate``; or ``step``, whose append's
+        result comes first) in lists; after a failover, the re-sent call continues after
+        what was already yielded: its append's result is not yielded again, and its tokens
+        must repeat those yielded exactly."""
         deadline = time.monotonic() + self.failover_timeout_s
         sent: list[int] = []
+        appended = False
         for attempt in itertools.count():
-            stream = self.model.options(session_id=session, stream=True).generate.remote(session, sampling, step)
+            stream = getattr(self.model.options(session_id=session, stream=True), method).remote(*args)
             seen = 0
             try:
                 async for events in stream:
+                    if isinstance(events, StepResult):
+                        if not appended:
+                            appended = True
+                            yield events
+                        continue
                     fresh = []
                     for e in events:
                         if e.token_id is not None and seen < len(sent):
@@ -310,7 +354,7 @@ class Ingress:
                         yield fresh
                 return
             except RayActorError:
-                await self._failover(request, attempt, deadline, step is not None, "generation")
+                await self._failover(request, attempt, deadline, retry, method)
             finally:
                 stream.cancel()  # the caller went away (or the replica did): stop decoding for it
 
@@ -333,12 +377,12 @@ class Ingress:
 
 
 # ---------------------------------------------------------------------------- replies
-async def started(events: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[list[TokenEvent]]:
+async def started(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
     """``events`` with its first item awaited already, so that an error before any token
     (an unknown session, a bad step) is an HTTP status rather than an event."""
     first = await anext(events)
 
-    async def chained() -> AsyncIterator[list[TokenEvent]]:
+    async def chained() -> AsyncIterator[Event]:
         yield first
         async for batch in events:
             yield batch
@@ -350,10 +394,14 @@ def streaming(body: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
-async def session_events(events: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[str]:
-    """``token`` events, then ``done``; an error after the first token is an ``error`` event."""
+async def session_events(events: AsyncIterator[list[TokenEvent] | StepResult]) -> AsyncIterator[str]:
+    """``token`` events, then ``done`` (after ``appended``, for a step); an error after the
+    first event is an ``error`` event."""
     try:
         async for batch in events:
+            if isinstance(batch, StepResult):
+                yield sse("appended", batch)
+                continue
             yield "".join(sse("done" if e.finish_reason else "token", e) for e in batch)
     except Exception as exc:
         reply = error_reply(exc)

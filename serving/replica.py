@@ -10,7 +10,8 @@ replica's own pool (as many threads as the replica takes requests at once), and 
 thread decodes every generating session together whatever request started it. A
 generation streams back as lists of events: whatever is ready each time the caller reads,
 so a slow reader gets fewer, larger messages rather than falling behind; for a caller that
-does not stream, it comes back whole, as one message (``generate_all``).
+does not stream, it comes back whole, as one message (``generate_all``). An agent's step
+(``step``, ``step_all``) is an append and then its reply in one call.
 """
 
 from __future__ import annotations
@@ -125,6 +126,28 @@ class ModelReplica:
         events = await self._run(lambda: list(self.engine.generate(session, sampling, step)))
         self._generated(session, step, events[-1], start)
         return events
+
+    async def step(self, session: str, pieces: Sequence[Piece], step: int | None, sync: bool | None,
+                   sampling: SamplingParams) -> AsyncIterator[StepResult | list[TokenEvent]]:
+        """An agent's step in one call: the append's result, then its reply's events as
+        ``generate`` streams them. The reply is generated under the step's number, so a
+        re-sent step whose observation is already here is acknowledged, not appended again,
+        and its reply is re-sent if it was generated, else generated."""
+        appended = await self._step_append(session, pieces, step, sync, sampling)
+        yield appended
+        async for events in self.generate(session, sampling, appended.step):
+            yield events
+
+    async def step_all(self, session: str, pieces: Sequence[Piece], step: int | None, sync: bool | None,
+                       sampling: SamplingParams) -> tuple[StepResult, list[TokenEvent]]:
+        """``step``, its reply whole, for a caller that does not stream."""
+        appended = await self._step_append(session, pieces, step, sync, sampling)
+        return appended, await self.generate_all(session, sampling, appended.step)
+
+    async def _step_append(self, session: str, pieces: Sequence[Piece], step: int | None, sync: bool | None,
+                           sampling: SamplingParams) -> StepResult:
+        self.engine.check_sampling(sampling)  # a reply that cannot be generated leaves the history alone
+        return await self.append(session, pieces, step, sync)
 
     def _generated(self, session: str, step: int | None, last: TokenEvent, start: float) -> None:
         self.open.add(session)

@@ -123,6 +123,15 @@ class AppendRequest(BaseModel):
     sync: bool | None = None  # reply only once the step is durable
 
 
+class StepRequest(AppendRequest):
+    """One agent step in one request (``POST /v1/sessions/{id}/step``): the observation, as
+    an append takes it, then its reply, sampled with ``sampling``. ``stream`` as in a
+    ``GenerateRequest``; ``sync`` makes the observation durable before its reply starts."""
+
+    sampling: SamplingParams = SamplingParams()
+    stream: bool = True
+
+
 class GenerateRequest(SamplingParams):
     """Sampling, plus the step whose reply this is (``step`` makes a re-send exact) and
     whether to stream the tokens as Server-Sent Events or reply once with the whole text."""
@@ -132,6 +141,18 @@ class GenerateRequest(SamplingParams):
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(**self.model_dump(exclude={"step", "stream"}))
+
+
+class StepReply(BaseModel):
+    """The reply to a step request: its append's result, then its reply's generation. A
+    re-sent step says what the re-send did, as an append and a generation re-sent apart
+    would: where the observation was there already, ``appended.tokens`` is 0 (and
+    ``appended.length`` the step's end, its reply included if it has one); where its reply
+    was too, ``generation.replayed`` is set and ``generation.tokens`` is 0. The reply's
+    text and tokens are those of the first time."""
+
+    appended: StepResult
+    generation: Generation
 
 
 class RollbackRequest(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from typing import TypeVar
 
 import msgpack
 import numpy as np
@@ -27,9 +28,10 @@ from .errors import LimitExceededError, MalformedRequestError, UnsupportedMediaE
 from .limits import Limits
 from .types import AppendRequest, ImagePart, TextPart
 
+Body = TypeVar("Body", bound=AppendRequest)
+
 IMAGE_FORMATS = {"PNG", "JPEG"}
 MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
-FORM_FIELDS = {"step", "user_turn", "sync"}
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:
@@ -53,16 +55,17 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_append(request: Request, limits: Limits) -> AppendRequest:
-    """An append's body in any of the three encodings, validated but not yet decoded."""
+async def read_append(request: Request, limits: Limits, model: type[Body] = AppendRequest) -> Body:
+    """An append's body (or a step's: ``model`` is ``StepRequest``) in any of the three
+    encodings, validated but not yet decoded."""
     kind = media_type(request)
     if kind == "multipart/form-data":
-        return await _read_form(request, limits)
+        return await _read_form(request, limits, model)
     body = await read_body(request, limits)
     if kind in MSGPACK_TYPES:
-        return _validate(_unpack(body), python=True)
+        return _validate(model, _unpack(body), python=True)
     if kind == "application/json":
-        return _validate(body, python=False)
+        return _validate(model, body, python=False)
     raise UnsupportedMediaError(
         f"an observation is sent as application/msgpack, application/json or multipart/form-data, not {kind or 'no content type'!r}"
     )
@@ -77,9 +80,9 @@ def _unpack(body: bytes) -> object:
         raise MalformedRequestError(f"the body is not valid msgpack: {exc}") from None
 
 
-def _validate(data: object, *, python: bool) -> AppendRequest:
+def _validate(model: type[Body], data: object, *, python: bool) -> Body:
     try:
-        return AppendRequest.model_validate(data) if python else AppendRequest.model_validate_json(data)
+        return model.model_validate(data) if python else model.model_validate_json(data)
     except ValidationError as exc:
         raise MalformedRequestError(f"the observation is malformed: {_first_error(exc)}") from None
 
@@ -90,8 +93,14 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {error['msg']} ({len(exc.errors())} problem{'s' if len(exc.errors()) > 1 else ''})"
 
 
-async def _read_form(request: Request, limits: Limits) -> AppendRequest:
-    """Parts named ``text`` and ``image`` (files), in prompt order, plus the fields."""
+def form_fields(model: type[AppendRequest]) -> set[str]:
+    """The fields a form sends beside its ``text`` and ``image`` parts."""
+    return set(model.model_fields) - {"parts"}
+
+
+async def _read_form(request: Request, limits: Limits, model: type[Body]) -> Body:
+    """Parts named ``text`` and ``image`` (files), in prompt order, plus the fields (a
+    boolean as ``true``/``false``, an object such as ``sampling`` as JSON)."""
     body = await read_body(request, limits)
 
     async def chunks():
@@ -109,11 +118,22 @@ async def _read_form(request: Request, limits: Limits) -> AppendRequest:
             parts.append(ImagePart(image=await value.read()))
         elif name == "text" and isinstance(value, str):
             parts.append(TextPart(text=value))
-        elif name in FORM_FIELDS and isinstance(value, str):
-            fields[name] = json.loads(value) if value in ("true", "false") else value
+        elif name in form_fields(model) and isinstance(value, str):
+            fields[name] = _form_value(name, value)
         else:
-            raise MalformedRequestError(f"unexpected form part {name!r}: send 'text' fields, 'image' files, and {sorted(FORM_FIELDS)}")
-    return _validate({**fields, "parts": [p.model_dump() for p in parts]}, python=True)
+            raise MalformedRequestError(f"unexpected form part {name!r}: send 'text' fields, 'image' files, and {sorted(form_fields(model))}")
+    return _validate(model, {**fields, "parts": [p.model_dump() for p in parts]}, python=True)
+
+
+def _form_value(name: str, value: str) -> object:
+    if value in ("true", "false"):
+        return value == "true"
+    if not value.lstrip().startswith("{"):
+        return value  # a number as text: validation converts it
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise MalformedRequestError(f"form field {name!r} is not valid JSON: {exc}") from None
 
 
 def to_pieces(request: AppendRequest, limits: Limits) -> list[Piece]:

@@ -53,3 +53,21 @@ class CLI:
 @pytest.fixture(scope="session")
 def cli() -> type[CLI]:
     return CLI
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> str:
+    """One real local Ray for the whole test session, started when a test first asks (a
+    process may call ``ray.init`` only once while connected, so the Serve app tests and the
+    Ray Train tests share it). Every socket is on 127.0.0.1; metrics are reported every
+    second; four logical CPUs leave room for Ray Train's two workers beside the apps'
+    replicas; workers import the project and the tests' helper modules from the same paths.
+    Returns the Prometheus endpoint."""
+    import ray
+
+    paths = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "training"), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 2**20, namespace="tests", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": paths, "OMP_NUM_THREADS": "1"}},
+             _system_config={"metrics_report_interval_ms": 1000})
+    yield f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
+    ray.shutdown()

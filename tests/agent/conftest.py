@@ -1,5 +1,6 @@
-"""Fixtures for the agent tests: one engine on the embedded default model (random
-weights, so most replies are not actions and fall back to wait())."""
+"""Fixtures for the agent tests: one engine on the embedded default model (its shipped
+weights; the tests hold for any weights, since a reply that is not an action falls back
+to wait())."""
 
 import pytest
 import torch

@@ -47,7 +47,7 @@ def test_step_keeps_the_raw_reply_and_falls_back(agent, engine):
     assert record.finish_reason in ("eos", "length") and 1 <= record.generated_tokens <= SAMPLING.max_new_tokens
     info = engine.session_info(agent.session)
     assert (info.step, info.length) == (1, record.observation_tokens + record.generated_tokens)
-    assert set(record.timings) == {"model_append_s", "model_generate_s", "parse_s"}
+    assert set(record.timings) == {"model_step_s", "parse_s"}
 
 
 def test_a_resent_step_is_acknowledged_not_applied_twice(agent, engine):
@@ -58,6 +58,8 @@ def test_a_resent_step_is_acknowledged_not_applied_twice(agent, engine):
     assert (again.step, again.tokens, again.length) == (1, 0, before.length)
     reply = agent.backend.generate(agent.session, SAMPLING, 1)  # the reply already given is sent again
     assert reply.text == agent.records[0].parsed.raw and reply.tokens == 0
+    both = agent.backend.step(agent.session, sent, 1, SAMPLING)  # the same, as one call
+    assert (both.appended.tokens, both.generation.text, both.generation.replayed) == (0, reply.text, True)
     assert engine.session_info(agent.session) == before
     with pytest.raises(StepConflictError, match="other content"):
         agent.backend.append(agent.session, [Text("another step 1")], step=1)
@@ -204,7 +206,7 @@ def test_model_policy_plays_an_env(engine):
         decision = policy.act(observation_, info)
         assert env_actions.parse_action(decision.action) is not None
         assert decision.model_output == policy.agent.records[-1].parsed.raw
-        assert set(decision.timings) == {"model_append_s", "model_generate_s", "parse_s"}
+        assert set(decision.timings) == {"model_step_s", "parse_s"}
         observation_, _, terminated, _, info = env.step(decision.action)
     assert terminated
     session = policy.agent.session

@@ -1,19 +1,28 @@
-"""The action models, the grammar text, and parsing of arbitrary model output."""
+"""The action models, the grammar text, and parsing of arbitrary model output.
+
+envs/actions.py is the grammar's one truth; the tests marked "one grammar" check that the
+agent's typed actions agree with it on every action kind.
+"""
+
+import json
+import typing
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+import agent.actions as agent_actions
 import envs.actions as env_actions
 from agent.actions import (
     ACTION,
+    Action,
     FALLBACK,
     Answer,
     Click,
     Key,
     Scroll,
-    Type,
+    TypeText,
     Wait,
     format_action,
     parse_action,
@@ -23,7 +32,7 @@ coordinates = st.integers(0, 1000)
 amounts = st.integers(-1000, 1000)
 actions = st.one_of(
     st.builds(Click, x=coordinates, y=coordinates),
-    st.builds(Type, text=st.text()),
+    st.builds(TypeText, text=st.text()),
     st.builds(Scroll, dx=amounts, dy=amounts),
     st.builds(Key, name=st.text(min_size=1)),
     st.just(Wait()),
@@ -46,7 +55,7 @@ def to_envs(action):
     match action:
         case Click(x=x, y=y):
             return env_actions.Click(x, y)
-        case Type(text=text):
+        case TypeText(text=text):
             return env_actions.TypeText(text)
         case Scroll(dx=dx, dy=dy):
             return env_actions.Scroll(dx, dy)
@@ -84,6 +93,33 @@ def test_envs_reads_agent_text_with_the_same_meaning(action):
 @given(actions)
 def test_agent_reads_envs_text_with_the_same_meaning(action):
     assert parse_action(env_actions.format_action(to_envs(action))).action == action
+
+
+def test_one_grammar_names_the_same_action_kinds_with_the_same_bounds():
+    envs_kinds = {cls.__name__ for cls in typing.get_args(env_actions.Action)}
+    agent_kinds = {cls.__name__ for cls in typing.get_args(typing.get_args(Action)[0])}
+    assert agent_kinds == envs_kinds
+    assert (agent_actions.COORDINATE_MAX, agent_actions.SCROLL_MAX) == (env_actions.COORDINATE_MAX, env_actions.SCROLL_MAX)
+
+
+beyond = st.integers(-(10**9) + 1, 10**9 - 1) | st.integers(-1002, 1002)
+texts = st.text() | st.text().map(lambda t: t + "\ud800") | st.just("")
+canonical = st.one_of(
+    st.builds("click({}, {})".format, beyond, beyond),
+    st.builds("scroll({}, {})".format, beyond, beyond),
+    *(st.builds(lambda v, verb=verb: f"{verb}({json.dumps(v)})", texts) for verb in ("type", "key", "answer")),
+    st.just("wait()"),
+)
+
+
+@given(canonical)
+def test_one_grammar_agent_and_envs_accept_the_same_texts_with_the_same_meaning(text):
+    """Canonical texts over a wider domain than either side accepts: out-of-range numbers,
+    empty key names and lone surrogates are refused by both, all else read alike."""
+    theirs, mine = env_actions.parse_action(text), parse_action(text)
+    assert mine.ok == (theirs is not None), (text, mine.error)
+    if mine.ok:
+        assert to_envs(mine.action) == theirs
 
 
 @given(st.sampled_from(["", "Action: ", "Thought: I should act.\nAction:", "I will ", "  \n"]), actions, st.text())
@@ -141,7 +177,7 @@ def test_very_long_adversarial_output_is_parsed_quickly():
         lambda: Click(x=True, y=0),
         lambda: Scroll(dx=-1001, dy=0),
         lambda: Key(name=""),
-        lambda: Type(text="a", extra=1),
+        lambda: TypeText(text="a", extra=1),
         lambda: ACTION.validate_python({"kind": "drag", "x": 1}),
     ],
 )

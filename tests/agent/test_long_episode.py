@@ -15,11 +15,12 @@ from agent.actions import GRAMMAR_HELP
 from agent.policy import ModelPolicy
 from envs.rollout import run_rollout
 from envs.trajectory import read_trajectory
+from model.default import DEFAULT_CONFIG
 from model.prompt import IMAGE_TOKEN_INDEX
 from model.tokenizer import ByteTokenizer, tokenize_prompt
 
 STEPS = 300
-IMAGE_TOKENS = 144  # the 24x24 CLIP grid pooled to 12x12
+IMAGE_TOKENS = DEFAULT_CONFIG.image_tokens  # the embedded model's pooled grid
 MAX_NEW_TOKENS = 8
 
 
@@ -70,6 +71,6 @@ def test_300_step_episode_sends_only_new_observations(tmp_path, engine):
         length += record.observation_tokens + record.generated_tokens
         assert record.length == length, f"step {t}"
         assert step["action"] == record.parsed.action.to_text() and step["model_output"] == record.parsed.raw
-        assert {"model_append_s", "model_generate_s", "parse_s"} <= set(step["timings"])
+        assert {"model_step_s", "parse_s"} <= set(step["timings"])
     assert engine.session_info(policy.agent.session).length == length
     assert engine.session_info(policy.agent.session).step == STEPS

@@ -44,7 +44,7 @@ def test_parses_the_grammar(text, action):
         "click(١, ٢)",  # non-ASCII digits
         "click(" + "9" * 5000 + ", 1)",  # longer than int() accepts
         "type(hello)", "type('hello')", 'type("unterminated)', 'type("a" "b")', 'type("\\x41")',
-        'key("")', "Click(1, 2)", "click(1, 2) wait()", 'answer("a"))', "scroll(1)", None, 42,
+        'key("")', "scroll(1001, 0)", "scroll(0, -1001)", 'type("\\ud800")', "Click(1, 2)", "click(1, 2) wait()", 'answer("a"))', "scroll(1)", None, 42,
     ],
 )
 def test_malformed_text_gives_none(text):
@@ -54,7 +54,7 @@ def test_malformed_text_gives_none(text):
 actions = st.one_of(
     st.builds(Click, st.integers(0, 1000), st.integers(0, 1000)),
     st.builds(TypeText, st.text()),
-    st.builds(Scroll, st.integers(-10**9 + 1, 10**9 - 1), st.integers(-10**9 + 1, 10**9 - 1)),
+    st.builds(Scroll, st.integers(-1000, 1000), st.integers(-1000, 1000)),
     st.builds(Key, st.text(min_size=1)),
     st.just(Wait()),
     st.builds(Answer, st.text()),

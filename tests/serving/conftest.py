@@ -11,23 +11,19 @@ from served_app import API_KEY, BUDGET, LIMITS, App, Served, free_port
 
 
 @pytest.fixture(scope="session")
-def served(tmp_path_factory) -> Served:
-    import ray
+def served(tmp_path_factory, local_ray) -> Served:
     from ray import serve
 
     from serving.application import AppArgs, app
 
     torch.set_num_threads(1)  # as the replicas: the in-process references then compute the same bits
-    metrics = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, namespace="serve", log_to_driver=False,
-             _metrics_export_port=metrics, _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     root = tmp_path_factory.mktemp("served")
     apps = Served(
         one=App(f"http://127.0.0.1:{port}/one", "one", root / "one", 1, API_KEY),
         two=App(f"http://127.0.0.1:{port}/two", "two", root / "two", 2),
-        metrics=f"http://127.0.0.1:{metrics}/metrics",
+        metrics=local_ray,
     )
     serve.run(app(AppArgs(checkpoint_dir=str(apps.one.store), api_key=API_KEY, cpus_per_replica=0.5, max_resident_bytes=BUDGET, **LIMITS)),
               name="one", route_prefix="/one")  # returns once the app is running
@@ -35,7 +31,6 @@ def served(tmp_path_factory) -> Served:
               name="two", route_prefix="/two")
     yield apps
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,3 +72,42 @@ def metric(served: Served, name: str, app: str) -> dict[str, float]:
             replica = re.search(r'replica="([^"]+)"', line).group(1)
             values[replica] = float(line.rsplit(" ", 1)[1])
     return values
+
+
+def replica_actor(app: App, replica: str):
+    import ray
+
+    return ray.get_actor(f"SERVE_REPLICA::{app.name}#ModelReplica#{replica}", namespace="serve")
+
+
+def replica_states(app: App) -> dict[str, int]:
+    from ray import serve
+
+    return serve.status().applications[app.name].deployments["ModelReplica"].replica_states
+
+
+def kill(app: App, replica: str) -> None:
+    """Kill the model replica actor named ``replica``, as a crash would."""
+    import ray
+
+    assert replica_states(app).get("RUNNING") == app.replicas
+    ray.kill(replica_actor(app, replica), no_restart=True)
+
+
+def wait_for_replicas(app: App, timeout_s: float = 120.0) -> None:
+    """Until Serve has replaced the killed replica, so that the next kill leaves one standing."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if replica_states(app) == {"RUNNING": app.replicas}:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("Serve did not replace the killed replica")
+
+
+def wait_until_busy(app: App, replica: str) -> None:
+    """Until ``replica`` is working on a request (Serve's own count of them)."""
+    import ray
+
+    actor = replica_actor(app, replica)
+    while ray.get(actor.get_num_ongoing_requests.remote()) == 0:
+        time.sleep(0.01)

@@ -8,17 +8,14 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 
 import httpx2
-import ray
-from ray import serve
 
 from agent import RemoteBackend
 from model.prompt import Image, Text, user_message
 from serving.types import SamplingParams
 
-from served_app import png_bytes, screenshot
+from served_app import kill, png_bytes, screenshot, wait_for_replicas, wait_until_busy
 
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 
@@ -53,32 +50,6 @@ class Episode:
 
     def replica(self) -> str:
         return self.backend.info(self.session)["replica"]
-
-
-def kill(app, replica: str) -> None:
-    """Kill the model replica actor named ``replica``, as a crash would."""
-    details = serve.status().applications[app.name].deployments["ModelReplica"]
-    actor = f"SERVE_REPLICA::{app.name}#ModelReplica#{replica}"
-    assert details.replica_states.get("RUNNING") == app.replicas
-    ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
-
-
-def wait_for_replicas(app, timeout_s: float = 120.0) -> None:
-    """Until Serve has replaced the killed replica, so that the next kill leaves one standing."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        details = serve.status().applications[app.name].deployments["ModelReplica"]
-        if details.replica_states == {"RUNNING": app.replicas}:
-            return
-        time.sleep(0.5)
-    raise TimeoutError("Serve did not replace the killed replica")
-
-
-def wait_until_busy(app, replica: str) -> None:
-    """Until ``replica`` is working on a request (Serve's own count of them)."""
-    actor = ray.get_actor(f"SERVE_REPLICA::{app.name}#ModelReplica#{replica}", namespace="serve")
-    while ray.get(actor.get_num_ongoing_requests.remote()) == 0:
-        time.sleep(0.01)
 
 
 def test_a_killed_replica_loses_no_step(served, reference):

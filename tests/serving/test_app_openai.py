@@ -70,7 +70,7 @@ def test_a_session_holds_the_conversation(served, client):
     for turn in range(30):
         message = {"role": "user", "content": f"turn {turn}: and then?"}
         # seeded sampling: any difference in the history shows in the tokens drawn
-        ask = dict(model="longllava", max_tokens=6, temperature=1.0, seed=turn, logit_bias=ASCII_ONLY)
+        ask = dict(model="longllava", max_tokens=6, temperature=2.0, seed=turn, logit_bias=ASCII_ONLY)
         incremental = client.chat.completions.create(messages=[message], extra_headers=headers, **ask)
         conversation.append(message)
         whole = client.chat.completions.create(messages=conversation, **ask)  # a fresh session each time

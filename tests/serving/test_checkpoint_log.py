@@ -315,7 +315,7 @@ def test_foreign_or_corrupt_store_directories_are_refused(model, tmp_path):
         live.session_info("../../etc")
     with pytest.raises(UnknownSessionError):
         live.append("x" * 10_000, "hi")
-    other_model = default_model(seed=1)  # the same layout, other weights
+    other_model = default_model(pretrained=False, seed=1)  # the same layout, other weights
     with pytest.raises(SessionLogError, match="written by another model"):
         engine_on(other_model, store).session_info(s)
 
@@ -389,7 +389,8 @@ def test_oversized_observations_are_refused_before_any_image_is_encoded(model):
     real = engine.model.encode_images
     engine.model.encode_images = lambda images: encoded.append(len(images)) or real(images)
     screenshots = [worker.observation(i)[1] for i in range(300)]
-    with pytest.raises(ValueError, match=r"this append is 46500 tokens \(300 images\), over the engine's max_chunk_tokens=1000"):
+    per_image = model.config.image_tokens + 11  # its rows and the markup around them
+    with pytest.raises(ValueError, match=rf"this append is {300 * per_image} tokens \(300 images\), over the engine's max_chunk_tokens=1000"):
         engine.append(s, screenshots)
     assert encoded == []
     assert engine.session_info(s).length == 0

@@ -1,5 +1,5 @@
-"""The in-process Engine on the embedded default model (random weights: no checkpoint
-of LongLLaVA's size can exist here). Behaviour is checked against full recomputes."""
+"""The in-process Engine on the embedded default model's architecture with random weights
+(`default_model(pretrained=False)`): behaviour is checked against full recomputes."""
 
 import logging
 
@@ -18,7 +18,7 @@ from serving.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(default_model(), device="cpu")
+    return Engine(default_model(pretrained=False), device="cpu")
 
 
 def screenshot(seed: int, size=(160, 120)) -> np.ndarray:
@@ -46,9 +46,9 @@ def test_append_costs_only_the_new_tokens(engine):
     assert first.step == 1 and first.length == first.tokens
     obs = engine.append(s, user_message([Image(screenshot(0)), Text("step 1")]))
     assert obs.step == 2 and obs.length == first.length + obs.tokens
-    # one image is 144 rows; the rest is the template and text
+    # one image is image_tokens rows (36 for the embedded model); the rest is the template and text
     expected_text = len(tokenize_prompt(engine.tokenizer, "<|startoftext|><|User|>\n<img></img>step 1\n<|startoftext|><|Assistant|>\n"))
-    assert obs.tokens == 144 + expected_text
+    assert obs.tokens == engine.model.config.image_tokens + expected_text
     assert engine.state_of(s).length == obs.length
     engine.close(s)
 
@@ -92,9 +92,9 @@ def test_stop_strings_and_eos_end_generation(engine):
     assert reason == "stop" and cut == text[: text.index(stop)]
 
     # an engine whose LM head always prefers EOS stops at once, with no text
-    model = default_model()
-    with torch.no_grad():
-        model.llm.lm_head.weight[model.config.eos_token_ids[0]] = 100 * model.llm.final_layernorm.weight.sign()
+    model = default_model(pretrained=False)
+    eos = torch.nn.functional.one_hot(torch.tensor(model.config.eos_token_ids[0]), model.config.vocab_size) * 1e4
+    model.llm.lm_head.register_forward_hook(lambda module, inputs, logits: logits + eos)
     eos_engine = Engine(model, device="cpu")
     e = eos_engine.create()
     eos_engine.append(e, user_message([Text("hello")]))
@@ -166,7 +166,7 @@ def test_step_numbers_make_appends_idempotent(engine):
 def test_video_frames_are_spliced(engine):
     s = engine.create()
     r = engine.append(s, user_message([Video([screenshot(i) for i in range(3)]), Text("what happened?")]))
-    assert r.tokens > 3 * 144
+    assert r.tokens > 3 * engine.model.config.image_tokens
 
 
 def test_bad_input_is_refused_and_loses_nothing(engine):
@@ -185,9 +185,9 @@ def test_bad_input_is_refused_and_loses_nothing(engine):
         engine.append(s, [Image(PILImage.new("La", (10, 10)))])
     with pytest.raises(ValueError, match="0"):
         engine.append(s, [Image(np.zeros((0, 10, 3), dtype=np.uint8))])
-    small = Engine(engine.model, max_chunk_tokens=100, device="cpu")
+    small = Engine(engine.model, max_chunk_tokens=20, device="cpu")
     t = small.create()
-    with pytest.raises(ValueError, match="max_chunk_tokens=100"):
+    with pytest.raises(ValueError, match="max_chunk_tokens=20"):
         small.append(t, [Image(screenshot(0))])
     assert small.session_info(t).length == 0
     assert engine.session_info(s) == before
@@ -223,7 +223,7 @@ def test_a_session_takes_one_request_at_a_time(engine):
 
 def test_engine_logs_its_kernels(caplog):
     with caplog.at_level(logging.INFO, logger="serving.engine"):
-        Engine(default_model(), device="cpu")
+        Engine(default_model(pretrained=False), device="cpu")
     assert any("kernels:" in r.message and "cpu" in r.message for r in caplog.records)
 
 

@@ -1,0 +1,133 @@
+"""Does a model read its screens? Two probes on held-out screens (seeds from ``EVAL_SEED``):
+
+    python -m bench.reading [--model DIR] [--screens 200] [--questions 40] [--out FILE.json]
+
+1. **The tower's tokens.** A linear ``training.tower.SlotHead`` is fitted on the frozen
+   tower's pooled tokens of training-seed screens (access codes and toolbars), then
+   scores held-out ones: glyph slots right, access codes read whole, button-centre digits
+   right. This says whether the text is in the image tokens at all.
+2. **The whole model.** Single-screen questions in the training format (an access code,
+   a named button to click), answered greedily: codes right, clicks that hit. This says
+   whether the LLM reads the tokens.
+
+A model whose tower reads but whose answers do not has its bottleneck in the LLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from envs.actions import parse_action
+from envs.render import hits, render
+from model.checkpoint import load_checkpoint
+from model.default import default_model
+from model.longllava import LongLLaVA
+from model.prompt import ASSISTANT_PREFIX, IMAGE_MARKUP, user_turn
+from model.tokenizer import ByteTokenizer, tokenize_prompt
+from model.vision import preprocess_image
+from training.pipeline import EVAL_SEED
+from training.synthetic import EMPTY, GLYPH_COLUMNS, GLYPH_ROWS, SIZE, cell_slots, episode
+from training.tower import SlotHead, slot_targets
+
+GLYPHS = GLYPH_ROWS * GLYPH_COLUMNS
+CODE_ROW = slice(18, 24)  # the cells of the access code's row on a 6x6 grid
+
+
+def first_screens(n: int, seed: int):
+    """``n`` first screens, alternately an access code and a toolbar, with their episodes."""
+    for k in range(n):
+        task, kwargs = ("RecallCode", {"memory_span": 2}) if k % 2 == 0 else ("ClickTarget", {})
+        ep = episode(task, seed + k, difficulty="easy", **kwargs)
+        yield task, ep, Image.fromarray(render(ep.screens[0], SIZE, SIZE))
+
+
+@torch.no_grad()
+def tokens_and_slots(model: LongLLaVA, n: int, seed: int, tokenizer: ByteTokenizer):
+    side = int(model.config.image_tokens ** 0.5)
+    rows = list(first_screens(n, seed))
+    pixels = torch.stack([preprocess_image(image, model.config) for _, _, image in rows])
+    features = torch.cat([model.vision(pixels[i: i + 50]) for i in range(0, n, 50)])
+    targets = torch.stack([slot_targets(cell_slots(ep.screens[0], side), tokenizer) for _, ep, _ in rows])
+    return features, targets, [task for task, _, _ in rows]
+
+
+def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> dict:
+    tokenizer = ByteTokenizer()
+    empty = tokenizer.encode(EMPTY)[0]
+    x, y, _ = tokens_and_slots(model, train, 0, tokenizer)
+    x_test, y_test, tasks = tokens_and_slots(model, test, EVAL_SEED, tokenizer)
+    torch.manual_seed(0)
+    head = SlotHead(x.shape[-1], tokenizer.vocab_size)
+    optimizer = torch.optim.Adam(head.parameters(), 3e-3)
+    for _ in range(steps):
+        pick = torch.randint(len(x), (64,))
+        weights = 1.0 + 4.0 * (y[pick] != empty)
+        loss = F.cross_entropy(head(x[pick]).flatten(0, 2), y[pick].flatten(), reduction="none")
+        optimizer.zero_grad()
+        ((loss * weights.flatten()).sum() / weights.sum()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        right = head(x_test).argmax(-1) == y_test
+    shows = y_test != empty
+    codes = [bool(right[i, CODE_ROW, :GLYPHS].all()) for i, task in enumerate(tasks) if task == "RecallCode"]
+    return {
+        "glyph_slots": (right & shows)[..., :GLYPHS].sum().item() / shows[..., :GLYPHS].sum().item(),
+        "codes_whole": sum(codes) / len(codes),
+        "centre_digits": (right & shows)[..., GLYPHS: GLYPHS + 6].sum().item() / shows[..., GLYPHS: GLYPHS + 6].sum().item(),
+    }
+
+
+@torch.no_grad()
+def answer(model: LongLLaVA, image: Image.Image, question: str, tokenizer: ByteTokenizer, max_new: int = 16) -> str:
+    """A greedy answer to one single-screen question, in the training format."""
+    ids = tokenize_prompt(tokenizer, user_turn(f"{IMAGE_MARKUP}\n{question}") + ASSISTANT_PREFIX)
+    features = model.projector(model.vision(preprocess_image(image, model.config)[None]))
+    eos, out = set(model.config.eos_token_ids), []
+    for _ in range(max_new):
+        hidden = model.llm.forward_batch(model.embed(ids + out, features)[None], False)
+        token = int(model.llm.lm_head(hidden[0, -1]).argmax())
+        if token in eos:
+            break
+        out.append(token)
+    return tokenizer.decode(out)
+
+
+def probe_answers(model: LongLLaVA, n: int) -> dict:
+    tokenizer = ByteTokenizer()
+    codes = clicks = 0
+    for task, ep, image in first_screens(2 * n, EVAL_SEED):
+        if task == "RecallCode":
+            codes += answer(model, image, "What is the access code?", tokenizer) == ep.solution.text
+        else:
+            action = parse_action(answer(model, image, ep.screens[0].instruction, tokenizer))
+            clicks += action is not None and hits(ep.target, action, SIZE, SIZE)
+    return {"codes_answered": codes / n, "clicks_hit": clicks / n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.reading", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="a checkpoint directory (default: the embedded model)")
+    parser.add_argument("--screens", type=int, default=200, help="held-out screens for the tower probe")
+    parser.add_argument("--questions", type=int, default=40, help="held-out questions of each kind")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model = (load_checkpoint(args.model) if args.model else default_model()).float().eval()
+    result = {**probe_tower(model, 6 * args.screens, args.screens), **probe_answers(model, args.questions)}
+    print("| glyph slots (linear probe) | codes whole (probe) | centre digits (probe) | codes answered | clicks hit |")
+    print("|---|---|---|---|---|")
+    print("| " + " | ".join(f"{result[k]:.0%}" for k in
+                              ("glyph_slots", "codes_whole", "centre_digits", "codes_answered", "clicks_hit")) + " |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

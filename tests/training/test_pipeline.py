@@ -1,0 +1,48 @@
+"""The demo pipeline at smoke size (the CI run of ``python -m training.pipeline --preset
+smoke``), and the embedded model it ships."""
+
+import json
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.default import DEFAULT_CONFIG, WEIGHTS_DIR, default_model
+from training.pipeline import EVAL_SEED, run
+
+
+def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path):
+    manifest = run("smoke", tmp_path)
+    assert list(manifest["stages"]) == ["tower", "align", "single", "multi", "trajectory"]
+    for stage, values in manifest["stages"].items():
+        assert values["last_loss"] < values["first_loss"], stage
+    model = load_checkpoint(tmp_path / "model")
+    assert all(p.dtype == torch.float16 for p in model.parameters())  # shipped in half precision
+    written = json.loads((tmp_path / "model" / "manifest.json").read_text())
+    assert written["data_sha256"] == manifest["data_sha256"] and len(written["data_sha256"]) == 64
+    assert written["seed"] == 0 and written["command"].startswith("python -m training.pipeline")
+    # no training data came from the evaluation seeds
+    for line in (tmp_path / "data" / "trajectories.jsonl").read_text().splitlines():
+        episode = json.loads(line)["image"][0]
+        meta = json.loads((__import__("pathlib").Path(episode).parent / "meta.json").read_text())
+        assert meta["seed"] < EVAL_SEED
+    # the same command again resumes: data, tower and every finished stage are kept
+    again = run("smoke", tmp_path)
+    assert again["data_sha256"] == manifest["data_sha256"]
+    assert {s: (v["first_loss"], v["last_loss"]) for s, v in again["stages"].items()} == \
+        {s: (v["first_loss"], v["last_loss"]) for s, v in manifest["stages"].items()}
+    resumed = load_checkpoint(tmp_path / "model")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "config.json").exists(), reason="the demo weights are not built")
+def test_the_shipped_model_is_small_loadable_and_documented():
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 50 * 1024**2
+    model = default_model()
+    assert model.config.model_dump(exclude={"mm_vision_tower"}) == DEFAULT_CONFIG.model_dump(exclude={"mm_vision_tower"})
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # widened on load
+    manifest = json.loads((WEIGHTS_DIR / "manifest.json").read_text())
+    assert {"command", "seed", "data_sha256", "commit", "evaluation"} <= set(manifest)
+    random = default_model(pretrained=False)
+    assert not torch.equal(random.llm.lm_head.weight, model.llm.lm_head.weight)

@@ -1,0 +1,282 @@
+"""The embedded demo model, end to end on a CPU:
+
+    python -m training.pipeline --preset demo --install     # <= 60 min on 2 cores
+    python -m training.pipeline --preset smoke              # < 3 min: checks that the loss falls
+
+1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
+   rollouts recorded by ``envs.rollout`` and converted by ``training.trajectories``;
+2. the vision tower, pretrained to read what each pooled cell of a screen shows
+   (``training.tower``): it stands in for CLIP, which no package ships;
+3. stage 1 (align, captions), stage 2 (single-screen questions), stage 3 (multi-screen
+   and video questions, tiled screens, replay of stage 2 and text data) and trajectory
+   fine-tuning, each a ``Trainer`` run starting from the stage before, with LongLLaVA's
+   recipes (the pretrained tower frozen throughout) but one change: the LLM starts
+   random, so it trains in stage 1 along with the projector;
+4. the result in half precision, with a manifest of how it was made; ``--install``
+   writes it into ``model/weights/default``, where ``default_model()`` finds it.
+
+An interrupted run resumes with the same command: finished data and tower are kept, and
+each stage resumes from its newest checkpoint (a finished stage from its last).
+
+Training seeds and evaluation seeds never meet: data comes from seeds below
+``EVAL_SEED``, and ``training.evaluate`` plays episodes from ``EVAL_SEED`` on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import LongLLaVAConfig
+from model.default import DEFAULT_CONFIG, WEIGHTS_DIR
+from model.longllava import LongLLaVA
+
+from . import synthetic
+from .config import DataSource, TrainConfig
+from .tower import pretrain_tower
+from .trainer import Trainer
+from .trajectories import write_records
+
+EVAL_SEED = 1_000_000  # evaluation plays seeds from here on; every training seed is below
+log = logging.getLogger(__name__)
+
+PERCEPTION = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.3, "OrderEvents": 0.3, "NeedleFrame": 0.3}
+READING = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.15, "OrderEvents": 0.15, "NeedleFrame": 0.15}
+SEQUENCE = {"RecallCode": 1.0, "ClickTarget": 0.5, "OrderEvents": 0.3, "CountEvents": 0.3, "NeedleFrame": 0.3}
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """Oracle rollouts of one task for trajectory fine-tuning."""
+
+    task: str
+    episodes: int
+    spans: tuple[int, ...]
+    difficulty: str = "easy"
+
+
+@dataclass(frozen=True)
+class Preset:
+    architecture: dict
+    screens: int
+    captions: int
+    questions: int
+    sequences: int
+    texts: int
+    trajectories: tuple[Episodes, ...]
+    tower_steps: int
+    tower_lr: float
+    steps: dict[str, int]  # stage -> optimizer steps
+    batch: dict[str, int]  # stage -> samples per step
+    lr: float = 1e-3
+    max_length: int = 8192
+
+
+TINY_ARCH = DEFAULT_CONFIG.model_copy(update=dict(
+    hidden_size=64, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1, mm_hidden_size=32,
+    vision_config=DEFAULT_CONFIG.vision_config.model_copy(update=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=32)),
+)).to_dict()
+
+PRESETS = {
+    "smoke": Preset(
+        architecture=TINY_ARCH, screens=64, captions=48, questions=48, sequences=24, texts=16,
+        trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
+        tower_steps=20, tower_lr=3e-3, steps={"align": 12, "single": 12, "multi": 10, "trajectory": 10},
+        batch={"align": 8, "single": 8, "multi": 4, "trajectory": 2}, lr=3e-3,
+    ),
+    "demo": Preset(
+        architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, questions=8000, sequences=600, texts=300,
+        trajectories=(
+            Episodes("RecallCode", 120, (2, 4, 8, 16)), Episodes("ClickTarget", 100, (0,)),
+            Episodes("OrderEvents", 16, (4,)), Episodes("CountEvents", 16, (4,)), Episodes("NeedleFrame", 16, (6,)),
+        ),
+        tower_steps=1400, tower_lr=3e-3, steps={"align": 40, "single": 400, "multi": 60, "trajectory": 100},
+        batch={"align": 16, "single": 16, "multi": 8, "trajectory": 2}, lr=2e-3,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- data
+def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
+    """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``. Data that an
+    interrupted run finished (the trajectories are written last) is kept."""
+    if (root / "trajectories.jsonl").exists():
+        names = ("screens", "captions", "questions", "sequences", "texts")
+        return {**{name: root / "screens" / f"{name}.jsonl" for name in names}, "trajectories": root / "trajectories.jsonl"}
+    writer = synthetic.Writer(root / "screens")
+    side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
+    files = {
+        "screens": synthetic.screens(writer, preset.screens, seed + 1, READING, side),
+        "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
+        "questions": synthetic.questions(writer, preset.questions, seed + 3, PERCEPTION),
+        "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),
+        "texts": synthetic.texts(writer, preset.texts, seed + 5),
+    }
+    from agent.actions import GRAMMAR_HELP  # the instruction agent.policy.ModelPolicy gives
+    from envs.rollout import run_rollout
+
+    roots = []
+    for k, job in enumerate(preset.trajectories):
+        for j, span in enumerate(job.spans):
+            out = root / "rollouts" / f"{job.task}-{span}"
+            run_rollout(f"longllava/{job.task}-v0", "oracle", episodes=max(1, job.episodes // len(job.spans)),
+                        seed=(seed + 10 + k) * 10_000 + j * 1_000, out=out,
+                        env_kwargs={"memory_span": span, "difficulty": job.difficulty})
+            roots.append(out)
+    files["trajectories"] = root / "trajectories.jsonl"
+    write_records(roots, files["trajectories"], GRAMMAR_HELP)
+    return files
+
+
+def data_hash(files: dict[str, Path]) -> str:
+    """SHA-256 over every JSONL file and the images they name, in a fixed order."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(files[name].read_bytes())
+    for image in sorted((files["screens"].parent / "images").glob("*.png")):
+        digest.update(image.read_bytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- stages
+def tower(preset: Preset, screens: Path, run: Path, seed: int) -> tuple[float, float]:
+    """The seeded model with its tower pretrained, in ``run/model`` (kept when an
+    interrupted run finished it); returns the first loss and the mean of the last five."""
+    if not (run / "model" / "config.json").exists():
+        architecture = LongLLaVAConfig.model_validate(preset.architecture)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LongLLaVA(architecture)
+        run.mkdir(parents=True, exist_ok=True)
+        pretrain_tower(model, screens, preset.tower_steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl")
+        save_checkpoint(model, run / "model")
+    curve = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return curve[0], sum(curve[-5:]) / 5
+
+
+def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int) -> list[TrainConfig]:
+    def source(name: str, fraction: float = 1.0) -> DataSource:
+        return DataSource(path=str(files[name]), fraction=fraction)
+
+    plan = [  # (stage, data, what trains where the recipe is not LongLLaVA's)
+        ("align", [source("captions")], ("projector", "llm")),  # the LLM starts random
+        ("single", [source("questions")], None),
+        ("multi", [source("sequences"), source("questions", 0.2), source("texts")], None),
+        ("trajectory", [source("trajectories")], None),
+    ]
+    configs, previous = [], runs / "tower" / "model"
+    for stage, data, trains in plan:
+        configs.append(TrainConfig(
+            stage=stage, data=data, output_dir=str(runs / stage), init=str(previous), trains=trains,
+            lr=preset.lr, batch_size=preset.batch[stage], max_steps=preset.steps[stage], warmup_ratio=0.05,
+            max_length=preset.max_length, seed=seed, progress=True, log_every=5,
+        ))
+        previous = runs / stage / "model"
+    return configs
+
+
+def run(preset_name: str, out: Path, seed: int = 0, install: bool = False) -> dict:
+    preset = PRESETS[preset_name]
+    torch.set_num_threads(1)  # a shared two-core machine: one core, no oversubscription
+    began = time.perf_counter()
+    runs = out / "runs"
+    steps = ["data", "tower", "align", "single", "multi", "trajectory", "write"]
+    bar = tqdm(steps, desc="pipeline", unit="stage", position=0, dynamic_ncols=True)
+    timings, losses = {}, {}
+
+    def done(name: str, tick: float) -> None:
+        timings[name] = round(time.perf_counter() - tick, 1)
+        bar.update()
+
+    tick = time.perf_counter()
+    files = make_data(preset, out / "data", seed)
+    done("data", tick)
+
+    tick = time.perf_counter()
+    losses["tower"] = tower(preset, files["screens"], runs / "tower", seed)
+    done("tower", tick)
+
+    for config in stage_configs(preset, files, runs, seed):
+        tick = time.perf_counter()
+        Trainer(config).fit()
+        curve = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        losses[config.stage] = (curve[0], curve[-1])
+        done(config.stage, tick)
+
+    tick = time.perf_counter()
+    final = runs / "trajectory" / "model"
+    manifest = {
+        "command": "python -m training.pipeline " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("pipeline.py")
+        else f"python -m training.pipeline --preset {preset_name}",
+        "preset": preset_name,
+        "seed": seed,
+        "data_sha256": data_hash(files),
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "stages": {name: {"seconds": timings.get(name), "first_loss": a, "last_loss": b} for name, (a, b) in losses.items()},
+        "recipe": asdict(preset),
+        "evaluation": None,  # filled in by python -m training.evaluate --write-manifest
+    }
+    packed = out / "model"
+    write_half(final, packed)
+    done("write", tick)
+    manifest["build_seconds"] = round(time.perf_counter() - began, 1)
+    (packed / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    bar.close()
+    if install:
+        if WEIGHTS_DIR.exists():
+            shutil.rmtree(WEIGHTS_DIR)
+        shutil.copytree(packed, WEIGHTS_DIR)
+    return manifest
+
+
+def write_half(source: Path, target: Path) -> None:
+    """The model at ``source`` in float16, in the same layout."""
+    model = load_checkpoint(source).half()
+    if target.exists():
+        shutil.rmtree(target)
+    save_checkpoint(model, target)
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--out", type=Path, default=Path("runs/pipeline"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--install", action="store_true", help="write the model into model/weights/default")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    manifest = run(args.preset, args.out / args.preset, args.seed, args.install)
+    for stage, values in manifest["stages"].items():
+        print(f"{stage:>10}: loss {values['first_loss']:.3f} -> {values['last_loss']:.3f} in {values['seconds']} s")
+    print(f"built in {manifest['build_seconds']} s -> {args.out / args.preset / 'model'}")
+    falling = all(v["last_loss"] < v["first_loss"] for v in manifest["stages"].values())
+    if not falling:
+        print("the loss did not fall in every stage", file=sys.stderr)
+    return 0 if falling else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Synthetic training data from the envs' own screens, written as LLaVA-format JSONL.
+
+Every image is a real screenshot that an env renders at its default 336x336 (the size
+the agent sees), saved as PNG. Screens come from ``env.reset(seed)``: an episode's
+screens are its ground truth (``envs.base.Episode``), so captions, questions and
+answers are exact. One generator per stage:
+
+- ``screens``    (tower pretraining) what each cell of each screen shows (``training.tower``);
+- ``captions``   (align) each screen described: its title and every element's text,
+                 with panel centres in the action grammar's 0..1000 units;
+- ``questions``  (single) one screen, one question: the access code shown, where to
+                 click a named button, what a note names, which icons or words appear;
+- ``sequences``  (multi) several screens as one sample, as images or as a video, asked
+                 what the task asks at its end; and toolbars as tiled high-res images;
+- ``texts``      (text) the same questions with the screen's content given as text.
+
+Trajectories for fine-tuning come from oracle rollouts instead (``training.trajectories``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import gymnasium as gym
+from PIL import Image
+
+import envs  # noqa: F401  (registers the tasks)
+from envs.actions import Click, format_action
+from envs.base import Episode
+from envs.render import PALETTE, Icon, Label, Panel, Screen, glyphs, render
+
+COLOR_NAMES = {rgb: name for name, rgb in PALETTE.items()}
+SIZE = 336  # the envs' default screen, which the agent sees
+
+
+def episode(task: str, seed: int, **kwargs) -> Episode:
+    """The episode that ``longllava/<task>-v0`` plays for ``seed``: its screens and answer."""
+    env = gym.make(f"longllava/{task}-v0", **kwargs)
+    env.reset(seed=seed)
+    return env.unwrapped._episode
+
+
+def _centre(box: tuple[int, int, int, int]) -> tuple[int, int]:
+    x0, y0, x1, y1 = box
+    return (x0 + x1) // 2, (y0 + y1) // 2
+
+
+def describe(element: Panel | Label | Icon) -> str | None:
+    match element:
+        case Panel(label=""):
+            return None
+        case Panel():
+            x, y = _centre(element.box)
+            return f'"{element.label}" at ({x}, {y})'
+        case Label():
+            return element.text
+        case Icon():
+            return f"{COLOR_NAMES.get(element.fill, 'a')} {element.shape}"
+    return None
+
+
+def caption(screen: Screen) -> str:
+    parts = [d for d in map(describe, screen.elements) if d]
+    return f"{screen.title}: " + ("; ".join(parts) if parts else "nothing else") + "."
+
+
+@dataclass
+class Writer:
+    """Writes PNGs under ``root/images`` and JSONL records to ``root/<name>.jsonl``."""
+
+    root: Path
+    count: int = 0
+
+    def image(self, screen: Screen) -> str:
+        name = f"images/{self.count:07d}.png"
+        self.count += 1
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render(screen, SIZE, SIZE)).save(self.root / name, compress_level=1)
+        return name
+
+    def write(self, name: str, records: Iterator[dict]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for k, record in enumerate(records):
+                f.write(json.dumps({"id": f"{name}-{k}", **record}, ensure_ascii=False) + "\n")
+        return path
+
+
+def _qa(question: str, answer: str, images: list[str] | None = None, prefix: str = "<image>\n") -> dict:
+    record = {"conversations": [{"from": "human", "value": (prefix * len(images or [])) + question},
+                                {"from": "gpt", "value": answer}]}
+    if images:
+        record["image"] = images
+    return record
+
+
+# ----------------------------------------------------------------------------- per screen
+def screen_questions(task: str, ep: Episode, t: int) -> list[tuple[str, str]]:
+    """Questions about screen ``t`` of an episode that its pixels alone answer."""
+    screen = ep.screens[t]
+    panels = [e for e in screen.elements if isinstance(e, Panel) and e.label]
+    icons = [e for e in screen.elements if isinstance(e, Icon)]
+    out: list[tuple[str, str]] = []
+    if task == "RecallCode" and t == 0:
+        out.append(("What is the access code?", panels[0].label))
+    if task == "ClickTarget" and screen.title == "Toolbar":
+        for p in panels:
+            out.append((f'Click the "{p.label}" button.', format_action(Click(*_centre(p.box)))))
+    if screen.title == "Note":
+        out.append(("Which button does the note name?", panels[0].label.split('"')[1]))
+    if icons and screen.title == "Monitor":
+        out.append(("Which icons are shown?", ", ".join(describe(i) for i in icons)))
+    if screen.title == "Notifications":
+        out.append(("Which words are on the cards?", ", ".join(p.label for p in panels)))
+    if screen.title == "Video":
+        says = [p.label for p in panels]
+        out.append(("What does the caption say?", says[0] if says else "There is no caption."))
+    return out
+
+
+TASKS = {  # task -> constructor arguments for short episodes that cover every screen kind
+    "RecallCode": dict(difficulty="easy", memory_span=2),
+    "ClickTarget": dict(difficulty="easy"),
+    "CountEvents": dict(difficulty="easy", memory_span=3),
+    "OrderEvents": dict(difficulty="easy", memory_span=3),
+    "NeedleFrame": dict(difficulty="easy", memory_span=2),
+}
+
+
+GLYPH_ROWS, GLYPH_COLUMNS = 2, 4  # glyph slots in each cell: two lines of four
+CELL_SLOTS = GLYPH_ROWS * GLYPH_COLUMNS + 6 + 2  # glyphs, a button's centre ("xxxyyy"), an icon
+EMPTY = " "  # a slot that shows nothing (spaces are never a glyph)
+SHAPE_CODES = {"circle": "c", "square": "q", "triangle": "t", "diamond": "d", "star": "s", "hexagon": "h"}
+
+
+def cell_slots(screen: Screen, side: int) -> list[str]:
+    """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row, as
+    ``CELL_SLOTS`` characters at fixed places: each glyph whose centre falls in the cell,
+    in the slot of its sub-cell (two rows of four); the centre, in the action grammar's
+    units, of a labelled panel whose centre falls in it (where to click it); and the
+    colour's initial and shape code of an icon centred in it. This is what
+    ``training.tower`` teaches each pooled image token to see: every slot depends on
+    pixels at a fixed place in the cell, which a patch tower learns quickly (whole strings
+    per cell were learnt at chance level)."""
+    cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]
+
+    def cell(x: float, y: float, scale: float) -> tuple[list[str], float, float]:
+        fx, fy = min(x * side / scale, side - 1e-6), min(y * side / scale, side - 1e-6)
+        return cells[int(fy) * side + int(fx)], fx % 1, fy % 1
+
+    for ch, x, y in glyphs(screen, SIZE, SIZE):
+        slots, fx, fy = cell(x, y, SIZE)
+        slots[int(fy * GLYPH_ROWS) * GLYPH_COLUMNS + int(fx * GLYPH_COLUMNS)] = ch
+    glyph_slots = GLYPH_ROWS * GLYPH_COLUMNS
+    for element in screen.elements:
+        match element:
+            case Panel(label=label) if label:
+                cx, cy = (min(v, 999) for v in _centre(element.box))
+                slots, _, _ = cell(cx, cy, 1000)
+                slots[glyph_slots: glyph_slots + 6] = f"{cx:03d}{cy:03d}"
+            case Icon():
+                slots, _, _ = cell(*element.center, 1000)
+                slots[-2:] = COLOR_NAMES.get(element.fill, "?")[0], SHAPE_CODES[element.shape]
+    return ["".join(slots) for slots in cells]
+
+
+def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> tuple[str, Episode]:
+    task = rng.choices(list(weights), list(weights.values()))[0]
+    return task, episode(task, seed * 1_000_003 + k, **TASKS[task])
+
+
+def _screens(seed: int, n: int, weights: dict[str, float], first_share: float = 0.0) -> Iterator[Screen]:
+    """``n`` screens, each drawn from an episode of a task picked by weight; the episode's
+    first screen (what a task asks to remember) at least ``first_share`` of the time."""
+    rng = random.Random(seed)
+    for k in range(n):
+        _, ep = _draw(rng, seed, k, weights)
+        yield ep.screens[0 if rng.random() < first_share else rng.randrange(len(ep.screens))]
+
+
+def screens(writer: Writer, n: int, seed: int, weights: dict[str, float], side: int) -> Path:
+    """``n`` screens with what each cell of a ``side`` x ``side`` grid shows, for
+    ``training.tower``; 60% are first screens, which show what the tasks ask about."""
+    records = ({"image": writer.image(s), "cells": cell_slots(s, side)} for s in _screens(seed, n, weights, 0.6))
+    return writer.write("screens", records)
+
+
+def captions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
+    """``n`` screens, each with its caption."""
+    records = (_qa("Describe the screen.", caption(s), [writer.image(s)]) for s in _screens(seed, n, weights))
+    return writer.write("captions", records)
+
+
+def questions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
+    """``n`` single-screen questions from the weighted tasks."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        made = k = 0
+        while made < n:
+            task, ep = _draw(rng, seed, k, weights)
+            k += 1
+            options = [(t, q) for t in range(len(ep.screens)) for q in screen_questions(task, ep, t)]
+            if not options:
+                continue
+            t, (question, answer) = rng.choice(options)
+            made += 1
+            yield _qa(question, answer, [writer.image(ep.screens[t])])
+
+    return writer.write("questions", records())
+
+
+# ----------------------------------------------------------------------------- sequences
+SEQUENCE_TASKS = {  # task -> (constructor arguments, memory spans to draw from)
+    "RecallCode": (dict(difficulty="easy"), (1, 2, 3)),
+    "ClickTarget": (dict(difficulty="easy"), (1, 2)),
+    "OrderEvents": (dict(difficulty="easy"), (2, 3, 4)),
+    "CountEvents": (dict(difficulty="easy"), (2, 3)),
+    "NeedleFrame": (dict(difficulty="easy"), (2, 4, 6)),
+}
+
+
+def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tiles_share: float = 0.1) -> Path:
+    """``n`` multi-screen samples: a short episode's screens as images (NeedleFrame's as a
+    video) and the question its last screen asks; a ``tiles_share`` of them is instead one
+    toolbar as a tiled high-resolution image."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        for k in range(n):
+            if rng.random() < tiles_share:
+                ep = episode("ClickTarget", seed * 1_000_003 + k, difficulty="easy")
+                yield {**_qa(ep.screens[0].instruction, format_action(ep.solution), [writer.image(ep.screens[0])]),
+                       "tiles": True}
+                continue
+            task = rng.choices(list(weights), list(weights.values()))[0]
+            kwargs, spans = SEQUENCE_TASKS[task]
+            ep = episode(task, seed * 1_000_003 + k, memory_span=rng.choice(spans), **kwargs)
+            *watched, question = ep.screens
+            answer = format_action(ep.solution)
+            if task == "NeedleFrame":  # the frames as a video, then the quiz screen
+                frames = [writer.image(s) for s in watched]
+                yield {**_qa("<video>\n<image>\n" + question.instruction, answer, prefix=""),
+                       "image": [writer.image(question)], "video": frames}
+            else:
+                yield _qa(question.instruction, answer, [writer.image(s) for s in ep.screens])
+
+    return writer.write("sequences", records())
+
+
+def texts(writer: Writer, n: int, seed: int) -> Path:
+    """``n`` text-only samples: a screen's content as text, then its question."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        for k in range(n):
+            task = rng.choice(["RecallCode", "ClickTarget"])
+            ep = episode(task, seed * 1_000_003 + k, **TASKS[task])
+            shown = "\n".join(caption(s) for s in ep.screens[:-1]) if task == "RecallCode" else caption(ep.screens[0])
+            yield _qa(f"{shown}\n{ep.screens[-1].instruction}", format_action(ep.solution))
+
+    return writer.write("texts", records())
