@@ -32,10 +32,10 @@ from model.prompt import ASSISTANT_PREFIX, IMAGE_MARKUP, user_turn
 from model.tokenizer import ByteTokenizer, tokenize_prompt
 from model.vision import preprocess_image
 from training.pipeline import EVAL_SEED
-from training.synthetic import EMPTY, GLYPH_COLUMNS, GLYPH_ROWS, SIZE, cell_slots, episode
+from training.loss import image_features
+from training.synthetic import CENTRE_SLOTS, EMPTY, GLYPH_SLOTS, SIZE, cell_slots, episode
 from training.tower import SlotHead, slot_targets
 
-GLYPHS = GLYPH_ROWS * GLYPH_COLUMNS
 CODE_ROW = slice(18, 24)  # the cells of the access code's row on a 6x6 grid
 
 
@@ -75,11 +75,11 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
     with torch.no_grad():
         right = head(x_test).argmax(-1) == y_test
     shows = y_test != empty
-    codes = [bool(right[i, CODE_ROW, :GLYPHS].all()) for i, task in enumerate(tasks) if task == "RecallCode"]
+    codes = [bool(right[i, CODE_ROW, :GLYPH_SLOTS].all()) for i, task in enumerate(tasks) if task == "RecallCode"]
     return {
-        "glyph_slots": (right & shows)[..., :GLYPHS].sum().item() / shows[..., :GLYPHS].sum().item(),
+        "glyph_slots": (right & shows)[..., :GLYPH_SLOTS].sum().item() / shows[..., :GLYPH_SLOTS].sum().item(),
         "codes_whole": sum(codes) / len(codes),
-        "centre_digits": (right & shows)[..., GLYPHS: GLYPHS + 6].sum().item() / shows[..., GLYPHS: GLYPHS + 6].sum().item(),
+        "centre_digits": (right & shows)[..., CENTRE_SLOTS].sum().item() / shows[..., CENTRE_SLOTS].sum().item(),
     }
 
 
@@ -87,7 +87,7 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
 def answer(model: LongLLaVA, image: Image.Image, question: str, tokenizer: ByteTokenizer, max_new: int = 16) -> str:
     """A greedy answer to one single-screen question, in the training format."""
     ids = tokenize_prompt(tokenizer, user_turn(f"{IMAGE_MARKUP}\n{question}") + ASSISTANT_PREFIX)
-    features = model.projector(model.vision(preprocess_image(image, model.config)[None]))
+    features = image_features(model, preprocess_image(image, model.config)[None])
     eos, out = set(model.config.eos_token_ids), []
     for _ in range(max_new):
         hidden = model.llm.forward_batch(model.embed(ids + out, features)[None], False)

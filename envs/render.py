@@ -90,7 +90,7 @@ def render(screen: Screen, width: int, height: int) -> np.ndarray:
     image = Image.new("RGB", (width, height), screen.background)
     draw = ImageDraw.Draw(image)
     _panel(draw, Panel((0, 0, COORDINATE_MAX, TITLE_HEIGHT), TITLE_BAR), width, height)
-    _label(draw, Label((25, TITLE_HEIGHT // 5), screen.title, TITLE_HEIGHT * 3 // 5, WHITE), width, height)
+    _label(draw, _title(screen), width, height)
     for element in screen.elements:
         match element:
             case Panel():
@@ -100,6 +100,11 @@ def render(screen: Screen, width: int, height: int) -> np.ndarray:
             case Icon():
                 _icon(draw, element, width, height)
     return np.array(image)
+
+
+def _title(screen: Screen) -> Label:
+    """The window title, drawn on the title bar."""
+    return Label((25, TITLE_HEIGHT // 5), screen.title, TITLE_HEIGHT * 3 // 5, WHITE)
 
 
 def hits(box: Box, click: Click, width: int, height: int) -> bool:
@@ -175,9 +180,8 @@ def glyphs(screen: Screen, width: int, height: int) -> list[tuple[str, float, fl
     """Where `render` draws each visible character of the screen's text (the title's,
     panels' and labels'), as (character, x, y) of its centre in pixels: the ground truth
     for a model learning to read screenshots. Spaces are left out."""
-    title = Label((25, TITLE_HEIGHT // 5), screen.title, TITLE_HEIGHT * 3 // 5, WHITE)
     out = []
-    for element in (title, *screen.elements):
+    for element in (_title(screen), *screen.elements):
         match element:
             case Panel(label=text) if text:
                 x0, y0, x1, y1 = _pixels(element.box, width, height)

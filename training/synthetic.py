@@ -133,7 +133,9 @@ TASKS = {  # task -> constructor arguments for short episodes that cover every s
 
 
 GLYPH_ROWS, GLYPH_COLUMNS = 2, 4  # glyph slots in each cell: two lines of four
-CELL_SLOTS = GLYPH_ROWS * GLYPH_COLUMNS + 6 + 2  # glyphs, a button's centre ("xxxyyy"), an icon
+GLYPH_SLOTS = GLYPH_ROWS * GLYPH_COLUMNS
+CENTRE_SLOTS = slice(GLYPH_SLOTS, GLYPH_SLOTS + 6)  # a button's centre, "xxxyyy"
+CELL_SLOTS = GLYPH_SLOTS + 6 + 2  # glyphs, a button's centre, an icon
 EMPTY = " "  # a slot that shows nothing (spaces are never a glyph)
 SHAPE_CODES = {"circle": "c", "square": "q", "triangle": "t", "diamond": "d", "star": "s", "hexagon": "h"}
 
@@ -156,13 +158,12 @@ def cell_slots(screen: Screen, side: int) -> list[str]:
     for ch, x, y in glyphs(screen, SIZE, SIZE):
         slots, fx, fy = cell(x, y, SIZE)
         slots[int(fy * GLYPH_ROWS) * GLYPH_COLUMNS + int(fx * GLYPH_COLUMNS)] = ch
-    glyph_slots = GLYPH_ROWS * GLYPH_COLUMNS
     for element in screen.elements:
         match element:
             case Panel(label=label) if label:
                 cx, cy = (min(v, 999) for v in _centre(element.box))
                 slots, _, _ = cell(cx, cy, 1000)
-                slots[glyph_slots: glyph_slots + 6] = f"{cx:03d}{cy:03d}"
+                slots[CENTRE_SLOTS] = f"{cx:03d}{cy:03d}"
             case Icon():
                 slots, _, _ = cell(*element.center, 1000)
                 slots[-2:] = COLOR_NAMES.get(element.fill, "?")[0], SHAPE_CODES[element.shape]
