@@ -38,6 +38,7 @@ _PREFIXES = [
 ]
 # LongLLaVA loads its tower from mm_vision_tower and ignores tower weights in the checkpoint
 _IGNORED = "model.vision_tower."
+TIED_HEAD = "llm.lm_head.weight"  # absent from the files when tie_word_embeddings is set
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 _EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.moe\.experts\.(\d+)\.")
 
@@ -166,6 +167,8 @@ def load_checkpoint(
     except ValueError as exc:
         raise CheckpointError(f"{path / 'config.json'} is not a valid LongLLaVA config: {exc}") from None
     stored = {key: value for key, value in _stored_shapes(path).items() if not key.startswith(_IGNORED)}
+    if config.tie_word_embeddings:  # a copy of the tied embedding, if a writer kept one
+        stored.pop("lm_head.weight", None)
     _check_structure(path, config, list(stored))
 
     tower_dir = _resolve_tower(path, config, vision_tower_path)
@@ -177,12 +180,16 @@ def load_checkpoint(
     names = _check_names_and_shapes(path, model, stored)
     tensors = _read_tensors(path, stored, device)
     model.load_state_dict({names[key]: value for key, value in tensors.items()}, strict=False, assign=True)
+    if config.tie_word_embeddings:  # assigning the embedding replaced the tied parameter
+        model.llm.lm_head.weight = model.llm.embed_tokens.weight
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
 def _check_names_and_shapes(path: Path, model: LongLLaVA, stored: Stored) -> dict[str, str]:
     """Each stored key's parameter name in ``model``, once every one is known and has its shape."""
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
+    if model.config.tie_word_embeddings:
+        expected.pop(TIED_HEAD)
     names = {}
     for key, (_, shape) in stored.items():
         mine = from_longllava_key(key)
@@ -214,8 +221,8 @@ def save_checkpoint(model: LongLLaVA, path: str | Path, max_shard_bytes: int = 5
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, value in model.state_dict().items():
-        if key.startswith("vision."):
-            continue
+        if key.startswith("vision.") or (key == TIED_HEAD and model.config.tie_word_embeddings):
+            continue  # a tied head is the embedding, stored once (as Hugging Face does)
         nbytes = value.numel() * value.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})

@@ -155,3 +155,23 @@ def test_a_config_that_cannot_match_its_weights_fails_before_a_model_is_built(mo
     finally:
         tracemalloc.stop()
     assert peak < 4 * 2**20  # no layers built, no tensors read
+
+
+def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):
+    """With ``tie_word_embeddings`` the head is the embedding: Hugging Face writes it once
+    (no ``lm_head.weight``), and after loading, training one must still move the other."""
+    torch.manual_seed(0)
+    tied = LongLLaVA(TINY.model_copy(update=dict(tie_word_embeddings=True))).eval()
+    save_checkpoint(tied, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    loaded = load_checkpoint(tmp_path).eval()
+    assert loaded.llm.lm_head.weight is loaded.llm.embed_tokens.weight
+    assert torch.equal(logits_for(loaded), logits_for(tied))
+    # a writer that kept a copy of the tied head (some do) is read the same way
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, str(tmp_path / "model.safetensors"))
+    assert torch.equal(logits_for(load_checkpoint(tmp_path).eval()), logits_for(tied))
