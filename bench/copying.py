@@ -74,10 +74,11 @@ class Hybrid(nn.Module):
         super().__init__()
         jamba_init = updates.pop("jamba_init", False)
         self.lm = HybridLM(DEFAULT_CONFIG.model_copy(update=updates))
-        with torch.no_grad():
-            for name, module in self.lm.named_modules():
-                if jamba_init and isinstance(module, nn.Linear) and ".mamba." not in f".{name}.":
-                    module.weight.normal_(0.0, 0.02)
+        if jamba_init:
+            with torch.no_grad():
+                for name, module in self.lm.named_modules():
+                    if isinstance(module, nn.Linear) and ".mamba." not in f".{name}.":
+                        module.weight.normal_(0.0, 0.02)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.lm_head(self.lm.forward_batch(self.lm.embed_tokens(ids)))

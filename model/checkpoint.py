@@ -168,7 +168,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path / 'config.json'} is not a valid LongLLaVA config: {exc}") from None
     stored = {key: value for key, value in _stored_shapes(path).items() if not key.startswith(_IGNORED)}
     if config.tie_word_embeddings:  # a copy of the tied embedding, if a writer kept one
-        stored.pop("lm_head.weight", None)
+        stored.pop(to_longllava_key(TIED_HEAD), None)
     _check_structure(path, config, list(stored))
 
     tower_dir = _resolve_tower(path, config, vision_tower_path)

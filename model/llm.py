@@ -239,7 +239,7 @@ class HybridLM(nn.Module):
         mamba-ssm's mixers do. Jamba's N(0, 0.02) for the projections suits its width of
         4096; at the embedded model's 128 it is 2-3x below fan-in scaling, and the
         attention's query-key product starts 5-7x smaller: the model then did not start
-        to learn a 4-character copy in 600 steps (``bench/copying.py``)."""
+        to learn a 4-character copy in 800 steps (``bench/copying.py``)."""
         self.embed_tokens.weight.normal_(0.0, std)
 
     @property
