@@ -101,17 +101,24 @@ api.add_exception_handler(RayActorError, _on_error)
 api.add_exception_handler(RequestValidationError, _on_invalid)
 
 
-def current() -> "Ingress":
+def ingress() -> "Ingress":
     """The ingress serving this request (routes are plain functions: Serve's class-based
     views do not work with FastAPI 0.165's included routers)."""
     return serve.get_replica_context().servable_object
+
+
+async def current() -> "Ingress":
+    """``ingress`` as a dependency. The dependencies are ``async def``: FastAPI runs a plain
+    ``def`` one on a worker thread, and under Serve AnyIO starts a new thread for each
+    request (it ties its threads to the request's task, which Serve makes the root)."""
+    return ingress()
 
 
 @api.middleware("http")
 async def _guard(request: Request, call_next):
     """Every route: the API key, and a body size known up front (chunked bodies are read
     with the same bound by the routes that take them)."""
-    server = current()
+    server = ingress()
     request.state.failovers = 0
     try:
         server.access.check_api_key(request.headers.get("authorization"))
@@ -126,7 +133,7 @@ async def _guard(request: Request, call_next):
     return response
 
 
-def session_token(x_session_token: str | None = Header(None, description="the token the session was created with")) -> str | None:
+async def session_token(x_session_token: str | None = Header(None, description="the token the session was created with")) -> str | None:
     return x_session_token
 
 
@@ -294,11 +301,19 @@ async def chat_completions(
 # ---------------------------------------------------------------------------- the ingress
 class Ingress:
     """The deployment behind ``api``: ``model`` is the model deployment's handle, and
-    ``secret`` signs session tokens."""
+    ``secret`` signs session tokens.
+
+    Calls reach the model replicas over Serve's gRPC transport (``_by_reference=False``)
+    rather than as Ray actor calls, which cost the replica about twice the CPU per call
+    (docs/benchmarks.md). A replica's death is still a ``RayActorError`` to ``call`` (its
+    subclass ``ActorUnavailableError``). A reply must fit in gRPC's 4 MiB
+    (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``): the longest, a whole generation of
+    8192 events, pickles to about 0.5 MiB.
+    """
 
     def __init__(self, model: DeploymentHandle, limits: Limits, secret: str, api_key: str | None,
                  model_name: str = chat.MODEL_NAME, failover_timeout_s: float = 60.0):
-        self.model, self.limits, self.model_name = model, limits, model_name
+        self.model, self.limits, self.model_name = model.options(_by_reference=False), limits, model_name
         self.access = Access(secret, api_key)
         self.failover_timeout_s = failover_timeout_s
         self.started = chat.now()
