@@ -37,6 +37,9 @@ from .replica import ModelReplica, ReplicaSettings
 log = logging.getLogger(__name__)
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray socket on 127.0.0.1
+# The most one gRPC message between deployments may hold (a replica's server receiving a request,
+# its caller's channel a reply); 4 MiB by default, read when a replica's process imports Serve
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
 
 
 class AppArgs(Limits):
@@ -79,11 +82,13 @@ def app(args: AppArgs) -> Application:
     if secret is None:
         log.warning("no session_secret (or $%s): session tokens last until the app is deployed again", SECRET_ENV)
         secret = new_secret()
+    # the ingress sends the model replica each observation's images decoded: over 4 MiB for one 1920x1080 screenshot
+    grpc = {"runtime_env": {"env_vars": {GRPC_MAX_MESSAGE_ENV: str(args.limits().max_message_bytes)}}}
     model = serve.deployment(ModelReplica).options(
         name="ModelReplica",
         num_replicas=args.replicas,
         max_ongoing_requests=args.max_ongoing_requests,
-        ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
+        ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica, **grpc},
         request_router_config=RequestRouterConfig(
             request_router_class=CONSISTENT_HASH_ROUTER,
             # the names ConsistentHashRouter.initialize_state reads (with .get(): a typo is ignored)
@@ -94,7 +99,7 @@ def app(args: AppArgs) -> Application:
         graceful_shutdown_timeout_s=30.0,  # lets the checkpoint writer finish what is queued
     )
     ingress = serve.deployment(serve.ingress(api)(Ingress)).options(
-        name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+        name="Ingress", ray_actor_options={"num_cpus": 0, **grpc}, max_ongoing_requests=1024,
     )
     return ingress.bind(
         model.bind(args.replica_settings()), args.limits(), secret, args.api_key or os.environ.get(API_KEY_ENV),

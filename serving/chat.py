@@ -29,7 +29,7 @@ from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, Image, Piece, Text, user_m
 from .errors import MalformedRequestError
 from .limits import Limits
 from .types import FinishReason, SamplingParams
-from .uploads import check_text, decode_image
+from .uploads import check_decoded, check_images, check_text, decode_image
 
 MODEL_NAME = "longllava"
 DATA_URL_PREFIX = "data:"
@@ -100,6 +100,7 @@ def chat_pieces(messages: list[ChatMessage], limits: Limits, close_reply: bool =
     preamble: list[Piece] = []
     awaiting_reply = False  # the history ends with the assistant prefix
     text_bytes = 0
+    check_images(sum(isinstance(c, ImageContent) for m in messages if isinstance(m.content, list) for c in m.content), limits)
     for i, m in enumerate(messages):
         body = _content(m.content, f"message {i}", limits)
         text_bytes += sum(len(p.text.encode("utf-8", "surrogatepass")) for p in body if isinstance(p, Text))
@@ -113,6 +114,7 @@ def chat_pieces(messages: list[ChatMessage], limits: Limits, close_reply: bool =
             pieces += [Text(("" if awaiting_reply else ASSISTANT_PREFIX) + reply + EOS_TOKEN)]
             awaiting_reply = False
     check_text(text_bytes, limits)
+    check_decoded(pieces, limits)
     if not awaiting_reply:
         raise MalformedRequestError("the messages must end with a user message, which the reply answers")
     return pieces

@@ -306,9 +306,9 @@ class Ingress:
     Calls reach the model replicas over Serve's gRPC transport (``_by_reference=False``)
     rather than as Ray actor calls, which cost the replica about twice the CPU per call
     (docs/benchmarks.md). A replica's death is still a ``RayActorError`` to ``call`` (its
-    subclass ``ActorUnavailableError``). A reply must fit in gRPC's 4 MiB
-    (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``): the longest, a whole generation of
-    8192 events, pickles to about 0.5 MiB.
+    subclass ``ActorUnavailableError``). A gRPC message is bounded at both ends
+    (``Limits.max_message_bytes``, set by ``serving.application``): a request carries its
+    images decoded.
     """
 
     def __init__(self, model: DeploymentHandle, limits: Limits, secret: str, api_key: str | None,

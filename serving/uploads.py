@@ -138,15 +138,29 @@ def _form_value(name: str, value: str) -> object:
 
 def to_pieces(request: AppendRequest, limits: Limits) -> list[Piece]:
     """The observation's prompt pieces, every limit checked and every image decoded."""
-    images = sum(isinstance(p, ImagePart) for p in request.parts)
-    if images > limits.max_images:
-        raise LimitExceededError(f"the observation has {images} images, over the limit of {limits.max_images} (max_images)")
+    check_images(sum(isinstance(p, ImagePart) for p in request.parts), limits)
     check_text(sum(len(p.text.encode("utf-8", "surrogatepass")) for p in request.parts if isinstance(p, TextPart)), limits)
     pieces: list[Piece] = [
         Text(p.text) if isinstance(p, TextPart) else Image(decode_image(p.image, f"part {i}", limits))
         for i, p in enumerate(request.parts)
     ]
+    check_decoded(pieces, limits)
     return user_message(pieces) if request.user_turn else pieces
+
+
+def check_images(count: int, limits: Limits) -> None:
+    if count > limits.max_images:
+        raise LimitExceededError(f"the observation has {count} images, over the limit of {limits.max_images} (max_images)")
+
+
+def check_decoded(pieces: list[Piece], limits: Limits) -> None:
+    """The images decoded fit in one call to a model replica (they go to it as RGB arrays)."""
+    size = sum(p.image.nbytes for p in pieces if isinstance(p, Image))
+    if size > limits.max_decoded_bytes:
+        raise LimitExceededError(
+            f"the observation's images are {size} bytes decoded, over the {limits.max_decoded_bytes} "
+            "one call to a model replica carries (max_images x max_image_pixels x 3, within gRPC's 2 GiB)"
+        )
 
 
 def check_text(size: int, limits: Limits) -> None:

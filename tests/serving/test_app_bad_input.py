@@ -4,16 +4,21 @@ in-process engine does."""
 
 from __future__ import annotations
 
+import base64
 import struct
 import zlib
 
 import httpx2
 import msgpack
+import numpy as np
 import pytest
 
 from agent import RemoteBackend
 from model.prompt import Image, Text, user_message
+from serving.errors import LimitExceededError
+from serving.limits import Limits
 from serving.types import SamplingParams
+from serving.uploads import check_decoded
 
 from served_app import API_KEY, LIMITS, png_bytes, screenshot
 
@@ -81,6 +86,9 @@ def test_bad_input_is_refused_and_the_app_keeps_serving(served, reference, bysta
     assert_refused(append_raw(app, victim, token, msgpack.packb([1, 2, 3]), "application/msgpack"), 400, "malformed_request", "valid dictionary")
     assert_refused(append_raw(app, victim, token, msgpack.packb({"parts": [{"image": msgpack.ExtType(1, b"x")}]}), "application/msgpack"), 400, "malformed_request", "msgpack")
     assert_refused(append_raw(app, victim, token, b'{"parts": [{"text": 1', "application/json"), 400, "malformed_request", "observation is malformed")
+    tiny = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png_bytes(screenshot(2, (8, 8)))).decode()}}
+    chat = {"messages": [{"role": "user", "content": [tiny] * 65}]}
+    assert_refused(httpx2.post(f"{app.url}/v1/chat/completions", json=chat, headers=app.headers), 413, "limit_exceeded", "max_images")
     step_both(bystander, reference, 2)
 
     oversize = "x" * (LIMITS["max_text_bytes"] + 1)
@@ -121,3 +129,15 @@ def test_bad_input_is_refused_and_the_app_keeps_serving(served, reference, bysta
         assert httpx2.delete(f"{app.url}/v1/sessions/{c['session']}", headers={**app.headers, "x-session-token": c["token"]}).status_code == 204
     step_both(bystander, reference, 4)
     backend.close(victim)
+
+
+def test_images_that_one_call_to_a_replica_cannot_carry_are_refused():
+    """The default limits allow 64 images of 16 MP, 3.1 GB decoded: more than one gRPC
+    message between the deployments holds (2 GiB). What does not fit is a 413."""
+    limits = Limits()
+    assert limits.max_images * limits.max_image_pixels * 3 > limits.max_message_bytes == 2**31 - 1
+    frame = Image(np.broadcast_to(np.zeros((), np.uint8), (4000, 4000, 3)))  # 48 MB decoded, none of it allocated
+    fits = limits.max_decoded_bytes // frame.image.nbytes
+    check_decoded([frame] * fits, limits)
+    with pytest.raises(LimitExceededError, match="max_images x max_image_pixels"):
+        check_decoded([frame] * (fits + 1), limits)

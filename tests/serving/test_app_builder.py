@@ -1,6 +1,7 @@
 """The app's builder as Ray Serve's command line sees it: ``serve build serving:app``
 writes a config that names the builder (so ``serve run serve.yaml`` calls it with the
-config's ``args:``), with the replicas routed by session; a misspelt argument is refused."""
+config's ``args:``), with the replicas routed by session and gRPC's message bound raised
+on both deployments; a misspelt argument is refused."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_build_writes_a_config_that_names_the_builder(tmp_path):
+    from serving.application import GRPC_MAX_MESSAGE_ENV
+
     out = tmp_path / "serve.yaml"
     serve = Path(sys.executable).with_name("serve")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -29,7 +32,8 @@ def test_serve_build_writes_a_config_that_names_the_builder(tmp_path):
     router = model["request_router_config"]
     assert router["request_router_class"].endswith("consistent_hash_router:ConsistentHashRouter")
     assert router["request_router_kwargs"] == {"num_virtual_nodes": 100, "num_fallback_replicas": 0}
-    assert "Ingress" in deployments
+    for name in ("ModelReplica", "Ingress"):  # gRPC's bound between them, at both ends: 2 GiB at the default limits
+        assert deployments[name]["ray_actor_options"]["runtime_env"]["env_vars"] == {GRPC_MAX_MESSAGE_ENV: str(2**31 - 1)}
 
 
 def test_the_builder_takes_typed_arguments():

@@ -102,6 +102,22 @@ def test_round_trip_equals_the_in_process_engine(served, reference):
         reference.close(session)
 
 
+def test_a_full_hd_screenshot_reaches_the_model_replica(served, reference):
+    """A 1920x1080 screenshot: its PNG is small, but the ingress sends it to the model
+    replica decoded, 6.2 MB of RGB, over gRPC's default 4 MiB a message. The app raises
+    Serve's bound from its Limits; the reply is still the in-process Engine's."""
+    app = served.one
+    backend = RemoteBackend(app.url, api_key=app.api_key)
+    s, ref = backend.create(), reference.create()
+    image = screenshot(7, (192, 108)).repeat(10, axis=0).repeat(10, axis=1)  # 1080 rows of 1920, in 10-pixel blocks
+    assert image.shape == (1080, 1920, 3) and image.nbytes > 4 * 2**20
+    pieces = user_message([Image(image), Text("what now?")])
+    assert backend.append(s, pieces, step=1).tokens == reference.append(ref, pieces, step=1).tokens
+    assert backend.generate(s, GREEDY, 1).token_ids == reference_tokens(reference, ref, 1)[0]
+    backend.close(s)
+    reference.close(ref)
+
+
 def test_every_session_stays_on_one_replica(served):
     """Consistent hashing on the session id keeps each session where its state is: no
     replica ever takes one over from the other (each has one owner in the store)."""
