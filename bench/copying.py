@@ -1,6 +1,6 @@
 """Can the LLM learn to copy? The smallest skill the demo tasks need, measured alone:
 
-    python -m bench.copying [--steps 600] [--out docs/bench/copying.json]
+    python -m bench.copying [--steps 600] [--seeds 0 1 2] [--variants 1 3] [--out docs/bench/copying.json]
 
 RecallCode and ClickTarget both end in a copy: the access code, or a button's centre,
 from where it was seen into the action. Here the code is given as text, in the chat
@@ -14,6 +14,10 @@ rate, then constant), and is scored by its loss curve, the first step at which t
 loss (mean of the last 50 steps) is below ``LEARNED``, and greedy exact match on
 held-out codes. A model that has not learnt to copy sits at chance: about
 (4 ln 24) / 5 = 2.54 nats per answer token (four code characters, then EOS).
+
+Whether and when the hybrid learns it varies with the seed (the start and the batches'
+order) far more than between variants, so each variant runs over ``--seeds`` and the
+table gives how many of them learnt and their median step.
 
 The peer is a plain transformer of the same width and depth with learned positions
 (``transformers``' GPT-2), which shows how fast the task is learnable at all.
@@ -146,7 +150,7 @@ def train(variant: Variant, steps: int, seed: int) -> dict:
     seconds = time.perf_counter() - began
     smooth = [statistics.fmean(losses[max(0, k - 49): k + 1]) for k in range(len(losses))]
     learned = next((k + 1 for k, v in enumerate(smooth) if v < LEARNED), None)
-    return {"variant": variant.name, "params": sum(p.numel() for p in model.parameters()), "steps": steps,
+    return {"variant": variant.name, "seed": seed, "params": sum(p.numel() for p in model.parameters()), "steps": steps,
             "seconds": round(seconds, 1), "learned_at": learned, "final_loss": round(smooth[-1], 3),
             "exact_match": exact_match(model.eval()), "losses": [round(v, 4) for v in losses]}
 
@@ -158,9 +162,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(dict.fromkeys(row["variant"] for row in rows))  # one colour per variant, a line per seed
     for row in rows:
-        curve = row["losses"]
-        ax.plot([statistics.fmean(curve[max(0, k - 19): k + 1]) for k in range(len(curve))], lw=1.2, label=row["variant"])
+        curve, first = row["losses"], row is next(r for r in rows if r["variant"] == row["variant"])
+        ax.plot([statistics.fmean(curve[max(0, k - 19): k + 1]) for k in range(len(curve))], lw=1.0,
+                color=f"C{names.index(row['variant'])}", label=row["variant"] if first else None)
     ax.axhline(2.54, color="grey", ls=":", lw=1, label="chance (no copying)")
     ax.set(xlabel="optimizer step (16 questions each)", ylabel="loss per answer token", ylim=(0, 4))
     ax.legend(fontsize=7)
@@ -171,16 +177,25 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.copying", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", type=int, nargs="+", help=f"which to run, 0 to {len(VARIANTS) - 1} (default: all)")
     parser.add_argument("--out", type=Path, help="a JSON file; a PNG of the loss curves goes beside it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [train(v, args.steps, args.seed) for v in VARIANTS]
-    print(f"| variant | parameters | s / {args.steps} steps | loss < {LEARNED} at step | final loss | exact match |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['params'] / 1e6:.2f} M | {r['seconds']:.0f} | {r['learned_at'] or 'never'} "
-              f"| {r['final_loss']:.2f} | {r['exact_match']:.0%} |")
+    chosen = [VARIANTS[i] for i in args.variants] if args.variants else list(VARIANTS)
+    rows = []
+    for variant in chosen:
+        for seed in args.seeds:
+            rows.append(train(variant, args.steps, seed))
+            print(f"{variant.name}, seed {seed}: learned at {rows[-1]['learned_at']}, final loss {rows[-1]['final_loss']}", flush=True)
+    print(f"| variant | parameters | s / {args.steps} steps | seeds with loss < {LEARNED} | at step (median) | final loss (median) | exact match (median) |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in chosen:
+        runs = [r for r in rows if r["variant"] == variant.name]
+        learned = [r["learned_at"] for r in runs if r["learned_at"] is not None]
+        print(f"| {variant.name} | {runs[0]['params'] / 1e6:.2f} M | {statistics.median(r['seconds'] for r in runs):.0f} "
+              f"| {len(learned)} of {len(runs)} | {statistics.median(learned) if learned else 'never'} "
+              f"| {statistics.median(r['final_loss'] for r in runs):.2f} | {statistics.median(r['exact_match'] for r in runs):.0%} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         plot(rows, args.out.with_suffix(".png"))
