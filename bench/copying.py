@@ -163,10 +163,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(dict.fromkeys(row["variant"] for row in rows))  # one colour per variant, a line per seed
+    labelled = set()
     for row in rows:
-        curve, first = row["losses"], row is next(r for r in rows if r["variant"] == row["variant"])
+        curve, name = row["losses"], row["variant"]
         ax.plot([statistics.fmean(curve[max(0, k - 19): k + 1]) for k in range(len(curve))], lw=1.0,
-                color=f"C{names.index(row['variant'])}", label=row["variant"] if first else None)
+                color=f"C{names.index(name)}", label=None if name in labelled else name)
+        labelled.add(name)
     ax.axhline(2.54, color="grey", ls=":", lw=1, label="chance (no copying)")
     ax.set(xlabel="optimizer step (16 questions each)", ylabel="loss per answer token", ylim=(0, 4))
     ax.legend(fontsize=7)
