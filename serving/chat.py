@@ -20,8 +20,9 @@ import base64
 import binascii
 import secrets
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Iterator, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, Image, Piece, Text, user_message
@@ -29,7 +30,7 @@ from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, Image, Piece, Text, user_m
 from .errors import MalformedRequestError
 from .limits import Limits
 from .types import FinishReason, SamplingParams
-from .uploads import check_decoded, check_images, check_text, decode_image
+from .uploads import check_text, decode_images
 
 MODEL_NAME = "longllava"
 DATA_URL_PREFIX = "data:"
@@ -100,9 +101,9 @@ def chat_pieces(messages: list[ChatMessage], limits: Limits, close_reply: bool =
     preamble: list[Piece] = []
     awaiting_reply = False  # the history ends with the assistant prefix
     text_bytes = 0
-    check_images(sum(isinstance(c, ImageContent) for m in messages if isinstance(m.content, list) for c in m.content), limits)
-    for i, m in enumerate(messages):
-        body = _content(m.content, f"message {i}", limits)
+    arrays = iter(decode_images(_image_files(messages), limits))
+    for m in messages:
+        body = _content(m.content, arrays)
         text_bytes += sum(len(p.text.encode("utf-8", "surrogatepass")) for p in body if isinstance(p, Text))
         if m.role in ("system", "developer"):
             preamble += [*body, Text("\n")]
@@ -114,21 +115,29 @@ def chat_pieces(messages: list[ChatMessage], limits: Limits, close_reply: bool =
             pieces += [Text(("" if awaiting_reply else ASSISTANT_PREFIX) + reply + EOS_TOKEN)]
             awaiting_reply = False
     check_text(text_bytes, limits)
-    check_decoded(pieces, limits)
     if not awaiting_reply:
         raise MalformedRequestError("the messages must end with a user message, which the reply answers")
     return pieces
 
 
-def _content(content: str | list[Content] | None, where: str, limits: Limits) -> list[Piece]:
+def _image_files(messages: list[ChatMessage]) -> list[tuple[bytes, str]]:
+    """Every image in the messages, in order, as its file's bytes and where it is."""
+    files = []
+    for i, m in enumerate(messages):
+        for j, c in enumerate(m.content if isinstance(m.content, list) else []):
+            if isinstance(c, ImageContent):
+                where = f"message {i} part {j}"
+                files.append((_data_url(c.image_url.url, where), where))
+    return files
+
+
+def _content(content: str | list[Content] | None, images: Iterator[np.ndarray]) -> list[Piece]:
+    """A message's content as pieces, its images the next of the decoded ``images``."""
     if content is None:
         return []
     if isinstance(content, str):
         return [Text(content)]
-    return [
-        Text(c.text) if isinstance(c, TextContent) else Image(decode_image(_data_url(c.image_url.url, f"{where} part {j}"), f"{where} part {j}", limits))
-        for j, c in enumerate(content)
-    ]
+    return [Text(c.text) if isinstance(c, TextContent) else Image(next(images)) for c in content]
 
 
 def _data_url(url: str, where: str) -> bytes:

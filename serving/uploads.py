@@ -138,14 +138,20 @@ def _form_value(name: str, value: str) -> object:
 
 def to_pieces(request: AppendRequest, limits: Limits) -> list[Piece]:
     """The observation's prompt pieces, every limit checked and every image decoded."""
-    check_images(sum(isinstance(p, ImagePart) for p in request.parts), limits)
     check_text(sum(len(p.text.encode("utf-8", "surrogatepass")) for p in request.parts if isinstance(p, TextPart)), limits)
-    pieces: list[Piece] = [
-        Text(p.text) if isinstance(p, TextPart) else Image(decode_image(p.image, f"part {i}", limits))
-        for i, p in enumerate(request.parts)
-    ]
-    check_decoded(pieces, limits)
+    arrays = iter(decode_images([(p.image, f"part {i}") for i, p in enumerate(request.parts) if isinstance(p, ImagePart)], limits))
+    pieces: list[Piece] = [Text(p.text) if isinstance(p, TextPart) else Image(next(arrays)) for p in request.parts]
     return user_message(pieces) if request.user_turn else pieces
+
+
+def decode_images(files: list[tuple[bytes, str]], limits: Limits) -> list[np.ndarray]:
+    """Each ``(data, where)`` file as an RGB array. Every header is read, and the images'
+    total size checked, before any pixel is decoded: a request of many small files that
+    would decode to gigabytes costs nothing."""
+    check_images(len(files), limits)
+    opened = [open_image(data, where, limits) for data, where in files]
+    check_decoded([image.size for image in opened], limits)
+    return [decode(image, where) for image, (_, where) in zip(opened, files)]
 
 
 def check_images(count: int, limits: Limits) -> None:
@@ -153,9 +159,10 @@ def check_images(count: int, limits: Limits) -> None:
         raise LimitExceededError(f"the observation has {count} images, over the limit of {limits.max_images} (max_images)")
 
 
-def check_decoded(pieces: list[Piece], limits: Limits) -> None:
-    """The images decoded fit in one call to a model replica (they go to it as RGB arrays)."""
-    size = sum(p.image.nbytes for p in pieces if isinstance(p, Image))
+def check_decoded(sizes: list[tuple[int, int]], limits: Limits) -> None:
+    """Images of these ``(width, height)`` fit in one call to a model replica, which
+    takes them decoded, as RGB arrays."""
+    size = sum(3 * width * height for width, height in sizes)
     if size > limits.max_decoded_bytes:
         raise LimitExceededError(
             f"the observation's images are {size} bytes decoded, over the {limits.max_decoded_bytes} "
@@ -169,7 +176,13 @@ def check_text(size: int, limits: Limits) -> None:
 
 
 def decode_image(data: bytes, where: str, limits: Limits) -> np.ndarray:
-    """A PNG or JPEG file as an RGB uint8 array; its size is checked from the header first."""
+    """One PNG or JPEG file as an RGB uint8 array; its size is checked from the header first."""
+    return decode(open_image(data, where, limits), where)
+
+
+def open_image(data: bytes, where: str, limits: Limits) -> PILImage.Image:
+    """A PNG or JPEG file opened lazily: its size, format and pixel count are checked from
+    the header, and no pixel is decoded yet."""
     if len(data) > limits.max_image_bytes:
         raise _image_too_large(where, len(data), limits)
     with warnings.catch_warnings():
@@ -180,15 +193,20 @@ def decode_image(data: bytes, where: str, limits: Limits) -> np.ndarray:
             raise LimitExceededError(f"{where}: {exc}; the limit is {limits.max_image_pixels} pixels (max_image_pixels)") from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise MalformedRequestError(f"{where}: not a PNG or JPEG image ({exc})") from None
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise LimitExceededError(
-                f"{where}: {width}x{height} is {width * height} pixels, over the limit of {limits.max_image_pixels} (max_image_pixels)"
-            )
-        try:
-            return np.asarray(as_rgb(image, where))
-        except ValueError as exc:  # truncated or corrupt data, found while decoding
-            raise MalformedRequestError(str(exc)) from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise LimitExceededError(
+            f"{where}: {width}x{height} is {width * height} pixels, over the limit of {limits.max_image_pixels} (max_image_pixels)"
+        )
+    return image
+
+
+def decode(image: PILImage.Image, where: str) -> np.ndarray:
+    """An opened image's pixels as an RGB uint8 array."""
+    try:
+        return np.asarray(as_rgb(image, where))
+    except ValueError as exc:  # truncated or corrupt data, found while decoding
+        raise MalformedRequestError(str(exc)) from None
 
 
 def _image_too_large(where: object, size: int | None, limits: Limits) -> LimitExceededError:

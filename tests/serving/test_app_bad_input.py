@@ -15,10 +15,11 @@ import pytest
 
 from agent import RemoteBackend
 from model.prompt import Image, Text, user_message
-from serving.errors import LimitExceededError
+from serving.chat import ChatMessage, chat_pieces
+from serving.errors import LimitExceededError, MalformedRequestError
 from serving.limits import Limits
-from serving.types import SamplingParams
-from serving.uploads import check_decoded
+from serving.types import AppendRequest, ImagePart, SamplingParams
+from serving.uploads import check_decoded, to_pieces
 
 from served_app import API_KEY, LIMITS, png_bytes, screenshot
 
@@ -136,8 +137,24 @@ def test_images_that_one_call_to_a_replica_cannot_carry_are_refused():
     message between the deployments holds (2 GiB). What does not fit is a 413."""
     limits = Limits()
     assert limits.max_images * limits.max_image_pixels * 3 > limits.max_message_bytes == 2**31 - 1
-    frame = Image(np.broadcast_to(np.zeros((), np.uint8), (4000, 4000, 3)))  # 48 MB decoded, none of it allocated
-    fits = limits.max_decoded_bytes // frame.image.nbytes
-    check_decoded([frame] * fits, limits)
+    fits = limits.max_decoded_bytes // (3 * 4000 * 4000)
+    check_decoded([(4000, 4000)] * fits, limits)
     with pytest.raises(LimitExceededError, match="max_images x max_image_pixels"):
-        check_decoded([frame] * (fits + 1), limits)
+        check_decoded([(4000, 4000)] * (fits + 1), limits)
+
+
+def test_the_decoded_total_is_refused_from_the_headers_before_any_pixel_is_decoded():
+    """Forty 4000x4000 PNGs are a few kilobytes of body but 1.9 GB decoded. They are refused
+    from their headers alone: these files are cut off after the header, so decoding even
+    one of them would fail as malformed instead. The same holds for the chat endpoint."""
+    header_only = png_bomb(4000, 4000)[:100]
+    limits = Limits()
+    request = AppendRequest(parts=[ImagePart(image=header_only)] * 40)
+    with pytest.raises(LimitExceededError, match="max_images x max_image_pixels"):
+        to_pieces(request, limits)
+    with pytest.raises(MalformedRequestError, match="part 0"):
+        to_pieces(AppendRequest(parts=[ImagePart(image=header_only)]), limits)
+    url = "data:image/png;base64," + base64.b64encode(header_only).decode()
+    messages = [ChatMessage(role="user", content=[{"type": "image_url", "image_url": {"url": url}}] * 40)]
+    with pytest.raises(LimitExceededError, match="max_images x max_image_pixels"):
+        chat_pieces(messages, limits)
