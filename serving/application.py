@@ -31,15 +31,12 @@ from ray.serve.config import RequestRouterConfig
 from .access import API_KEY_ENV, SECRET_ENV, new_secret
 from .chat import MODEL_NAME
 from .http import Ingress, api
-from .limits import Limits
+from .limits import GRPC_MAX_MESSAGE_ENV, Limits
 from .replica import ModelReplica, ReplicaSettings
 
 log = logging.getLogger(__name__)
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray socket on 127.0.0.1
-# The most one gRPC message between deployments may hold (a replica's server receiving a request,
-# its caller's channel a reply); 4 MiB by default, read when a replica's process imports Serve
-GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
 
 
 class AppArgs(Limits):

@@ -47,7 +47,7 @@ from ray.serve.handle import DeploymentHandle
 from . import chat
 from .access import Access
 from .errors import HTTP_ERRORS, LimitExceededError, ReplicaUnavailableError, UnknownModelError
-from .limits import Limits
+from .limits import Limits, check_grpc_bound
 from .types import (
     AppendRequest,
     ErrorDetail,
@@ -313,6 +313,7 @@ class Ingress:
 
     def __init__(self, model: DeploymentHandle, limits: Limits, secret: str, api_key: str | None,
                  model_name: str = chat.MODEL_NAME, failover_timeout_s: float = 60.0):
+        check_grpc_bound(limits)
         self.model, self.limits, self.model_name = model.options(_by_reference=False), limits, model_name
         self.access = Access(secret, api_key)
         self.failover_timeout_s = failover_timeout_s

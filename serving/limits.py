@@ -15,6 +15,9 @@ from model.prompt import MAX_IMAGE_PIXELS
 
 MiB = 2**20
 GRPC_MAX_MESSAGE = 2**31 - 1  # gRPC's message lengths are signed 32-bit
+# The most one gRPC message between deployments may hold (a replica's server receiving a request,
+# its caller's channel a reply); 4 MiB by default, read when a replica's process imports Serve
+GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
 
 
 class Limits(BaseModel):
@@ -47,3 +50,18 @@ class Limits(BaseModel):
         found, 3.6x: a chat of empty user turns, 16 bytes of JSON each, 57 pickled); plus
         gRPC's default 4 MiB, for the call's metadata and so that no limit lowers the bound."""
         return 4 * self.max_body_bytes + 4 * MiB
+
+
+def check_grpc_bound(limits: Limits) -> None:
+    """Refuses to start a deployment whose process bounds gRPC messages below what ``limits``
+    let one call carry; otherwise a large observation would fail mid-request (a 500). The
+    app's builder sets the bound from the limits; a config file whose limits were raised
+    after ``serve build`` still holds the old bound in its ``runtime_env``."""
+    from ray.serve._private.constants import RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH as bound
+
+    if bound < limits.max_message_bytes:
+        raise ValueError(
+            f"this deployment's gRPC messages are bounded at {bound} bytes (${GRPC_MAX_MESSAGE_ENV}), under the "
+            f"{limits.max_message_bytes} its limits need; set {GRPC_MAX_MESSAGE_ENV} to {limits.max_message_bytes} in "
+            "the deployment's runtime_env, or write the config again with serve build"
+        )

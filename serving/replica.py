@@ -27,7 +27,7 @@ from ray import serve
 from model.prompt import Piece
 
 from .errors import TooManySessionsError
-from .limits import Limits
+from .limits import Limits, check_grpc_bound
 from .metrics import ReplicaMetrics
 from .types import SamplingParams, SessionInfo, StepResult, TokenEvent
 
@@ -57,6 +57,7 @@ class ModelReplica:
 
         from .engine import Engine
 
+        check_grpc_bound(settings.limits)
         torch.set_num_threads(settings.torch_threads)
         self.limits = settings.limits
         self.engine = Engine.from_pretrained(

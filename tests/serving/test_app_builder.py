@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_build_writes_a_config_that_names_the_builder(tmp_path):
-    from serving.application import GRPC_MAX_MESSAGE_ENV
+    from serving.limits import GRPC_MAX_MESSAGE_ENV
 
     out = tmp_path / "serve.yaml"
     serve = Path(sys.executable).with_name("serve")
@@ -47,3 +47,24 @@ def test_the_builder_takes_typed_arguments():
         AppArgs.model_validate({"replica": "2"})  # misspelt: refused, not ignored
     with pytest.raises(ValidationError):
         AppArgs.model_validate({"replicas": "0"})
+
+
+def test_a_deployment_refuses_to_start_with_a_grpc_bound_below_its_limits():
+    """Serve reads the bound from the environment as a replica's process imports it (here a
+    real subprocess, as a replica is): a config whose limits were raised after serve build
+    keeps the old bound, and the deployment then fails at start with what to set, not a
+    large observation mid-request."""
+    from serving.limits import GRPC_MAX_MESSAGE_ENV, Limits
+
+    small = Limits(max_images=1, max_image_pixels=1000, max_body_bytes=2**20)
+    script = ("import sys; from serving.limits import Limits, check_grpc_bound; "
+              "check_grpc_bound(Limits.model_validate_json(sys.argv[1]))")
+
+    def start(bound: int, limits: Limits) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), GRPC_MAX_MESSAGE_ENV: str(bound)}
+        return subprocess.run([sys.executable, "-c", script, limits.model_dump_json()], env=env, capture_output=True, text=True)
+
+    assert start(small.max_message_bytes, small).returncode == 0
+    refused = start(small.max_message_bytes, Limits())
+    assert refused.returncode != 0
+    assert f"set {GRPC_MAX_MESSAGE_ENV} to {2**31 - 1}" in refused.stderr
