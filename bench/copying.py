@@ -109,6 +109,7 @@ class Variant:
     name: str
     build: Callable[[dict], nn.Module]
     updates: dict = field(default_factory=dict)
+    adam_beta2: float = 0.999  # PyTorch's default, which the Trainer uses; LLMs often train with 0.95
 
 
 VARIANTS = (
@@ -116,6 +117,8 @@ VARIANTS = (
     Variant("hybrid, the embedded config", Hybrid),
     Variant("hybrid, d_state 8, expand 1", Hybrid, dict(mamba_d_state=8, mamba_expand=1)),
     Variant("transformer (GPT-2, learned positions)", Transformer),
+    Variant("hybrid, d_state 8, expand 1, Adam beta2 0.95", Hybrid, dict(mamba_d_state=8, mamba_expand=1), adam_beta2=0.95),
+    Variant("hybrid, d_state 8, expand 1, tied embeddings", Hybrid, dict(mamba_d_state=8, mamba_expand=1, tie_word_embeddings=True)),
 )
 
 
@@ -135,7 +138,7 @@ def exact_match(model: nn.Module, n: int = 40, seed: int = 1_000_000) -> float:
 def train(variant: Variant, steps: int, seed: int) -> dict:
     torch.manual_seed(seed)
     model = variant.build(dict(variant.updates))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, variant.adam_beta2))
     rng, losses, began = random.Random(seed), [], time.perf_counter()
     for step in range(1, steps + 1):
         optimizer.param_groups[0]["lr"] = LR * min(1.0, step / WARMUP)

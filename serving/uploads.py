@@ -175,11 +175,6 @@ def check_text(size: int, limits: Limits) -> None:
         raise LimitExceededError(f"the text is {size} bytes, over the limit of {limits.max_text_bytes} (max_text_bytes)")
 
 
-def decode_image(data: bytes, where: str, limits: Limits) -> np.ndarray:
-    """One PNG or JPEG file as an RGB uint8 array; its size is checked from the header first."""
-    return decode(open_image(data, where, limits), where)
-
-
 def open_image(data: bytes, where: str, limits: Limits) -> PILImage.Image:
     """A PNG or JPEG file opened lazily: its size, format and pixel count are checked from
     the header, and no pixel is decoded yet."""

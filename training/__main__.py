@@ -72,15 +72,9 @@ def parse_config(argv: list[str]) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_config(sys.argv[1:] if argv is None else argv)
-    if config.num_workers > 1:
-        from .distributed import fit_on_ray
+    from .distributed import fit
 
-        final = fit_on_ray(config)
-    else:
-        from .trainer import Trainer
-
-        final = Trainer(config).fit()
-    print(f"model written to {final}")
+    print(f"model written to {fit(config)}")
     return 0
 
 

@@ -51,6 +51,12 @@ def train_worker(loop_config: dict) -> None:
     Trainer(config, RayCheckpoints(), ray.train.torch.get_device()).fit()
 
 
+def fit(config: TrainConfig) -> Path:
+    """``config`` on this process, or on ``config.num_workers`` Ray Train workers; returns
+    the final model's directory."""
+    return fit_on_ray(config) if config.num_workers > 1 else Trainer(config).fit()
+
+
 def fit_on_ray(config: TrainConfig, max_failures: int = 2, worker: Callable[[dict], None] = train_worker) -> Path:
     """Run ``config`` on ``config.num_workers`` Ray Train workers; returns the final model's
     directory. Starts a local Ray (all sockets on loopback) unless one is running."""

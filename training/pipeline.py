@@ -2,6 +2,7 @@
 
     python -m training.pipeline --preset demo --install     # <= 60 min on 2 cores
     python -m training.pipeline --preset smoke              # < 3 min: checks that the loss falls
+    python -m training.pipeline --preset demo --workers 2   # the LLM stages on 2 Ray Train workers
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
    rollouts recorded by ``envs.rollout`` and converted by ``training.trajectories``;
@@ -16,7 +17,11 @@
    writes it into ``model/weights/default``, where ``default_model()`` finds it.
 
 An interrupted run resumes with the same command: finished data and tower are kept, and
-each stage resumes from its newest checkpoint (a finished stage from its last).
+each stage resumes from its newest checkpoint (a finished stage from its last). With
+``--workers N`` each stage after the tower runs data-parallel on N Ray Train workers
+(``training.distributed``), each taking 1/N of every step's samples, so the updates are
+those of one worker; the tower trains with N threads. Such a run resumes after a worker
+fails; checkpoints are then Ray Train's, in each stage's ``ray`` directory.
 
 Training seeds and evaluation seeds never meet: data comes from seeds below
 ``EVAL_SEED``, and ``training.evaluate`` plays episodes from ``EVAL_SEED`` on.
@@ -47,7 +52,7 @@ from model.longllava import LongLLaVA
 from . import synthetic
 from .config import DataSource, TrainConfig
 from .tower import pretrain_tower
-from .trainer import Trainer
+from .distributed import fit
 from .trajectories import write_records
 
 EVAL_SEED = 1_000_000  # evaluation plays seeds from here on; every training seed is below
@@ -168,7 +173,7 @@ def tower(preset: Preset, screens: Path, run: Path, seed: int) -> tuple[float, f
     return curve[0], sum(curve[-5:]) / 5
 
 
-def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int) -> list[TrainConfig]:
+def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int, workers: int = 1) -> list[TrainConfig]:
     def source(name: str, fraction: float = 1.0) -> DataSource:
         return DataSource(path=str(files[name]), fraction=fraction)
 
@@ -182,16 +187,23 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int)
     for stage, data, trains in plan:
         configs.append(TrainConfig(
             stage=stage, data=data, output_dir=str(runs / stage), init=str(previous), trains=trains,
-            lr=preset.lr, batch_size=preset.batch[stage], max_steps=preset.steps[stage], warmup_ratio=0.05,
-            max_length=preset.max_length, seed=seed, progress=True, log_every=5,
+            lr=preset.lr, batch_size=_per_worker(preset.batch[stage], workers), num_workers=workers,
+            max_steps=preset.steps[stage], warmup_ratio=0.05, max_length=preset.max_length, seed=seed, progress=True,
+            log_every=5,
         ))
         previous = runs / stage / "model"
     return configs
 
 
-def run(preset_name: str, out: Path, seed: int = 0, install: bool = False) -> dict:
+def _per_worker(batch: int, workers: int) -> int:
+    if batch % workers:
+        raise ValueError(f"a step's {batch} samples do not divide over {workers} workers")
+    return batch // workers
+
+
+def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, workers: int = 1) -> dict:
     preset = PRESETS[preset_name]
-    torch.set_num_threads(1)  # a shared two-core machine: one core, no oversubscription
+    torch.set_num_threads(workers)  # the tower trains here, on as many cores as the workers would take
     began = time.perf_counter()
     runs = out / "runs"
     steps = ["data", "tower", "align", "single", "multi", "trajectory", "write"]
@@ -210,9 +222,9 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False) -> di
     losses["tower"] = tower(preset, files["screens"], runs / "tower", seed)
     done("tower", tick)
 
-    for config in stage_configs(preset, files, runs, seed):
+    for config in stage_configs(preset, files, runs, seed, workers):
         tick = time.perf_counter()
-        Trainer(config).fit()
+        fit(config)
         curve = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
         losses[config.stage] = (curve[0], curve[-1])
         done(config.stage, tick)
@@ -266,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/pipeline"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true", help="write the model into model/weights/default")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers for the stages after the tower")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    manifest = run(args.preset, args.out / args.preset, args.seed, args.install)
+    manifest = run(args.preset, args.out / args.preset, args.seed, args.install, args.workers)
     for stage, values in manifest["stages"].items():
         print(f"{stage:>10}: loss {values['first_loss']:.3f} -> {values['last_loss']:.3f} in {values['seconds']} s")
     print(f"built in {manifest['build_seconds']} s -> {args.out / args.preset / 'model'}")

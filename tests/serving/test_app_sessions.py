@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 from agent import RemoteBackend
 from model.prompt import Image, Text, user_message
 from serving.types import SamplingParams, StepResult
-from serving.uploads import decode_image
+from serving.uploads import decode_images
 from serving.limits import Limits
 
 from served_app import screenshot, png_bytes
@@ -70,7 +70,7 @@ def test_round_trip_equals_the_in_process_engine(served, reference):
         if k % 5 == 0:  # a form with a JPEG: the reference decodes the same file
             jpeg = jpeg_bytes(image)
             served_step = append_multipart(app, backend, s, f"step {k}", jpeg, k)
-            pieces = user_message([Text(f"step {k}"), Image(decode_image(jpeg, "jpeg", Limits())), Text("\n")])
+            pieces = user_message([Text(f"step {k}"), Image(decode_images([(jpeg, "jpeg")], Limits())[0]), Text("\n")])
         else:
             pieces = user_message([Image(image), Text(f"step {k}: what now?")])
             served_step = backend.append(s, pieces, step=k)

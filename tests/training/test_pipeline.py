@@ -8,7 +8,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.default import DEFAULT_CONFIG, WEIGHTS_DIR, default_model
-from training.pipeline import EVAL_SEED, run
+from training.pipeline import EVAL_SEED, PRESETS, run, stage_configs
 
 
 def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path):
@@ -46,3 +46,15 @@ def test_the_shipped_model_is_small_loadable_and_documented():
     assert {"command", "seed", "data_sha256", "commit", "evaluation"} <= set(manifest)
     random = default_model(pretrained=False)
     assert not torch.equal(random.llm.lm_head.weight, model.llm.lm_head.weight)
+
+
+def test_with_workers_each_stage_splits_its_steps_samples_and_keeps_their_number(tmp_path):
+    """``--workers 2``: the same samples per optimizer step as one worker (so the same
+    updates: tests/training/test_distributed.py), half of them on each Ray Train worker."""
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("captions", "questions", "sequences", "texts", "trajectories")}
+    one, two = (stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=n) for n in (1, 2))
+    assert [c.num_workers for c in two] == [2, 2, 2, 2]
+    assert [c.samples_per_step for c in two] == [c.samples_per_step for c in one] == list(PRESETS["demo"].batch.values())
+    assert [c.batch_size for c in two] == [c.batch_size // 2 for c in one]
+    with pytest.raises(ValueError, match="do not divide over 3 workers"):
+        stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=3)
