@@ -188,7 +188,7 @@ class Trainer:
         self.total_steps = config.max_steps or math.ceil(config.epochs * len(self.train_set) / config.samples_per_step)
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
         self.loss_model: torch.nn.Module = LossModel(self.model, config.gradient_checkpointing)
         if dist.is_initialized():
             # experts a batch routes no token to, and an idle projector on text batches, get no gradient
