@@ -20,8 +20,9 @@ An interrupted run resumes with the same command: finished data and tower are ke
 each stage resumes from its newest checkpoint (a finished stage from its last). With
 ``--workers N`` each stage after the tower runs data-parallel on N Ray Train workers
 (``training.distributed``), each taking 1/N of every step's samples, so the updates are
-those of one worker; the tower trains with N threads. Such a run resumes after a worker
-fails; checkpoints are then Ray Train's, in each stage's ``ray`` directory.
+those of one worker; the tower trains with N threads. Checkpoints are then Ray Train's,
+in each stage's ``ray`` directory, and such a run resumes the same way: after a worker
+fails, and with the same command (Ray Train restores each stage's run from there).
 
 Training seeds and evaluation seeds never meet: data comes from seeds below
 ``EVAL_SEED``, and ``training.evaluate`` plays episodes from ``EVAL_SEED`` on.
@@ -51,8 +52,8 @@ from model.longllava import LongLLaVA
 
 from . import synthetic
 from .config import DataSource, TrainConfig
-from .tower import pretrain_tower
 from .distributed import fit
+from .tower import pretrain_tower
 from .trajectories import write_records
 
 EVAL_SEED = 1_000_000  # evaluation plays seeds from here on; every training seed is below
