@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-STAGES = ("tower", "align", "single", "multi", "trajectory")
+STAGES = ("tower", "align", "read", "single", "multi", "trajectory")
 
 
 def read(path: Path) -> list[dict]:

@@ -10,9 +10,13 @@
    (``training.tower``): it stands in for CLIP, which no package ships;
 3. stage 1 (align, captions), stage 2 (single-screen questions), stage 3 (multi-screen
    and video questions, tiled screens, replay of stage 2 and text data) and trajectory
-   fine-tuning, each a ``Trainer`` run starting from the stage before, with LongLLaVA's
-   recipes (the pretrained tower frozen throughout) but one change: the LLM starts
-   random, so it trains in stage 1 along with the projector;
+   fine-tuning, each a ``Trainer`` run starting from the one before, with LongLLaVA's
+   recipes (the pretrained tower frozen throughout) but two changes: the LLM starts
+   random, so it trains in stage 1 along with the projector; and stage 2 runs twice,
+   first (``read``) on the access-code question alone, then on every question kind. A
+   random LLM learns to copy text out of image tokens only after a long plateau, which it
+   leaves on that one question in a few hundred steps and within a mix of kinds not in
+   the hour; once it copies, the other kinds build on it;
 4. the result in half precision, with a manifest of how it was made; ``--install``
    writes it into ``model/weights/default``, where ``default_model()`` finds it.
 
@@ -53,10 +57,10 @@ from model.longllava import LongLLaVA
 from . import synthetic
 from .config import DataSource, TrainConfig
 from .distributed import fit
+from .synthetic import EVAL_SEED, data_seed
 from .tower import pretrain_tower
 from .trajectories import write_records
 
-EVAL_SEED = 1_000_000  # evaluation plays seeds from here on; every training seed is below
 log = logging.getLogger(__name__)
 
 PERCEPTION = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.3, "OrderEvents": 0.3, "NeedleFrame": 0.3}
@@ -79,14 +83,15 @@ class Preset:
     architecture: dict
     screens: int
     captions: int
+    codes: int  # access-code questions for the ``read`` run
     questions: int
     sequences: int
     texts: int
     trajectories: tuple[Episodes, ...]
     tower_steps: int
     tower_lr: float
-    steps: dict[str, int]  # stage -> optimizer steps
-    batch: dict[str, int]  # stage -> samples per step
+    steps: dict[str, int]  # run -> optimizer steps
+    batch: dict[str, int]  # run -> samples per step
     lr: float = 1e-3
     max_length: int = 8192
 
@@ -99,19 +104,20 @@ TINY_ARCH = DEFAULT_CONFIG.model_copy(update=dict(
 
 PRESETS = {
     "smoke": Preset(
-        architecture=TINY_ARCH, screens=64, captions=48, questions=48, sequences=24, texts=16,
+        architecture=TINY_ARCH, screens=64, captions=48, codes=32, questions=48, sequences=24, texts=16,
         trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
-        tower_steps=20, tower_lr=3e-3, steps={"align": 12, "single": 12, "multi": 10, "trajectory": 10},
-        batch={"align": 8, "single": 8, "multi": 4, "trajectory": 2}, lr=3e-3,
+        tower_steps=20, tower_lr=3e-3, steps={"align": 12, "read": 8, "single": 12, "multi": 10, "trajectory": 10},
+        batch={"align": 8, "read": 8, "single": 8, "multi": 4, "trajectory": 2}, lr=3e-3,
     ),
     "demo": Preset(
-        architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, questions=8000, sequences=600, texts=300,
+        architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, codes=6000, questions=8000, sequences=600,
+        texts=300,
         trajectories=(
             Episodes("RecallCode", 120, (2, 4, 8, 16)), Episodes("ClickTarget", 100, (0,)),
             Episodes("OrderEvents", 16, (4,)), Episodes("CountEvents", 16, (4,)), Episodes("NeedleFrame", 16, (6,)),
         ),
-        tower_steps=1400, tower_lr=3e-3, steps={"align": 40, "single": 400, "multi": 60, "trajectory": 100},
-        batch={"align": 16, "single": 16, "multi": 8, "trajectory": 2}, lr=2e-3,
+        tower_steps=1400, tower_lr=3e-3, steps={"align": 40, "read": 900, "single": 600, "multi": 60, "trajectory": 100},
+        batch={"align": 16, "read": 16, "single": 16, "multi": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
 
@@ -121,16 +127,17 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``. Data that an
     interrupted run finished (the trajectories are written last) is kept."""
     if (root / "trajectories.jsonl").exists():
-        names = ("screens", "captions", "questions", "sequences", "texts")
+        names = ("screens", "captions", "codes", "questions", "sequences", "texts")
         return {**{name: root / "screens" / f"{name}.jsonl" for name in names}, "trajectories": root / "trajectories.jsonl"}
     writer = synthetic.Writer(root / "screens")
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
     files = {
         "screens": synthetic.screens(writer, preset.screens, seed + 1, READING, side),
         "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
-        "questions": synthetic.questions(writer, preset.questions, seed + 3, PERCEPTION),
+        "questions": synthetic.questions(writer, preset.questions, seed + 3, READING),
         "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),
         "texts": synthetic.texts(writer, preset.texts, seed + 5),
+        "codes": synthetic.questions(writer, preset.codes, seed + 6, {"RecallCode": 1.0}, "codes"),
     }
     from agent.actions import GRAMMAR_HELP  # the instruction agent.policy.ModelPolicy gives
     from envs.rollout import run_rollout
@@ -140,7 +147,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
         for j, span in enumerate(job.spans):
             out = root / "rollouts" / f"{job.task}-{span}"
             run_rollout(f"longllava/{job.task}-v0", "oracle", episodes=max(1, job.episodes // len(job.spans)),
-                        seed=(seed + 10 + k) * 10_000 + j * 1_000, out=out,
+                        seed=data_seed(seed + 10 + k, j * 1_000), out=out,
                         env_kwargs={"memory_span": span, "difficulty": job.difficulty})
             roots.append(out)
     files["trajectories"] = root / "trajectories.jsonl"
@@ -178,21 +185,22 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
     def source(name: str, fraction: float = 1.0) -> DataSource:
         return DataSource(path=str(files[name]), fraction=fraction)
 
-    plan = [  # (stage, data, what trains where the recipe is not LongLLaVA's)
-        ("align", [source("captions")], ("projector", "llm")),  # the LLM starts random
-        ("single", [source("questions")], None),
-        ("multi", [source("sequences"), source("questions", 0.2), source("texts")], None),
-        ("trajectory", [source("trajectories")], None),
+    plan = [  # (run, stage, data, what trains where the recipe is not LongLLaVA's)
+        ("align", "align", [source("captions")], ("projector", "llm")),  # the LLM starts random
+        ("read", "single", [source("codes")], None),  # one question kind first: see the docstring
+        ("single", "single", [source("questions")], None),
+        ("multi", "multi", [source("sequences"), source("questions", 0.2), source("texts")], None),
+        ("trajectory", "trajectory", [source("trajectories")], None),
     ]
     configs, previous = [], runs / "tower" / "model"
-    for stage, data, trains in plan:
+    for name, stage, data, trains in plan:
         configs.append(TrainConfig(
-            stage=stage, data=data, output_dir=str(runs / stage), init=str(previous), trains=trains,
-            lr=preset.lr, batch_size=_per_worker(preset.batch[stage], workers), num_workers=workers,
-            max_steps=preset.steps[stage], warmup_ratio=0.05, max_length=preset.max_length, seed=seed, progress=True,
+            stage=stage, data=data, output_dir=str(runs / name), init=str(previous), trains=trains,
+            lr=preset.lr, batch_size=_per_worker(preset.batch[name], workers), num_workers=workers,
+            max_steps=preset.steps[name], warmup_ratio=0.05, max_length=preset.max_length, seed=seed, progress=True,
             log_every=5,
         ))
-        previous = runs / stage / "model"
+        previous = runs / name / "model"
     return configs
 
 
@@ -207,7 +215,7 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
     torch.set_num_threads(workers)  # the tower trains here, on as many cores as the workers would take
     began = time.perf_counter()
     runs = out / "runs"
-    steps = ["data", "tower", "align", "single", "multi", "trajectory", "write"]
+    steps = ["data", "tower", *preset.steps, "write"]
     bar = tqdm(steps, desc="pipeline", unit="stage", position=0, dynamic_ncols=True)
     timings, losses = {}, {}
 
@@ -226,9 +234,10 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
     for config in stage_configs(preset, files, runs, seed, workers):
         tick = time.perf_counter()
         fit(config)
-        curve = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-        losses[config.stage] = (curve[0], curve[-1])
-        done(config.stage, tick)
+        output = Path(config.output_dir)
+        curve = [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+        losses[output.name] = (curve[0], curve[-1])
+        done(output.name, tick)
 
     tick = time.perf_counter()
     final = runs / "trajectory" / "model"

@@ -37,6 +37,16 @@ COLOR_NAMES = {rgb: name for name, rgb in PALETTE.items()}
 SIZE = 336  # the envs' default screen, which the agent sees
 
 
+EVAL_SEED = 1_000_000  # evaluation plays seeds from here on; every training episode's seed is below
+
+
+def data_seed(seed: int, k: int) -> int:
+    """The env seed of a file's ``k``-th training episode: the file's ``seed`` picks a
+    stretch of 50,000, and every seed stays below ``EVAL_SEED`` (an episode's content,
+    an access code say, follows from its seed whatever the memory span)."""
+    return (seed * 50_000 + k) % EVAL_SEED
+
+
 def episode(task: str, seed: int, **kwargs) -> Episode:
     """The episode that ``longllava/<task>-v0`` plays for ``seed``: its screens and answer."""
     env = gym.make(f"longllava/{task}-v0", **kwargs)
@@ -172,7 +182,7 @@ def cell_slots(screen: Screen, side: int) -> list[str]:
 
 def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> tuple[str, Episode]:
     task = rng.choices(list(weights), list(weights.values()))[0]
-    return task, episode(task, seed * 1_000_003 + k, **TASKS[task])
+    return task, episode(task, data_seed(seed, k), **TASKS[task])
 
 
 def _screens(seed: int, n: int, weights: dict[str, float], first_share: float = 0.0) -> Iterator[Screen]:
@@ -197,8 +207,8 @@ def captions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Pa
     return writer.write("captions", records)
 
 
-def questions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:
-    """``n`` single-screen questions from the weighted tasks."""
+def questions(writer: Writer, n: int, seed: int, weights: dict[str, float], name: str = "questions") -> Path:
+    """``n`` single-screen questions from the weighted tasks, in ``<name>.jsonl``."""
     rng = random.Random(seed)
 
     def records() -> Iterator[dict]:
@@ -213,7 +223,7 @@ def questions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> P
             made += 1
             yield _qa(question, answer, [writer.image(ep.screens[t])])
 
-    return writer.write("questions", records())
+    return writer.write(name, records())
 
 
 # ----------------------------------------------------------------------------- sequences
@@ -235,13 +245,13 @@ def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tile
     def records() -> Iterator[dict]:
         for k in range(n):
             if rng.random() < tiles_share:
-                ep = episode("ClickTarget", seed * 1_000_003 + k, difficulty="easy")
+                ep = episode("ClickTarget", data_seed(seed, k), difficulty="easy")
                 yield {**_qa(ep.screens[0].instruction, format_action(ep.solution), [writer.image(ep.screens[0])]),
                        "tiles": True}
                 continue
             task = rng.choices(list(weights), list(weights.values()))[0]
             kwargs, spans = SEQUENCE_TASKS[task]
-            ep = episode(task, seed * 1_000_003 + k, memory_span=rng.choice(spans), **kwargs)
+            ep = episode(task, data_seed(seed, k), memory_span=rng.choice(spans), **kwargs)
             *watched, question = ep.screens
             answer = format_action(ep.solution)
             if task == "NeedleFrame":  # the frames as a video, then the quiz screen
@@ -261,7 +271,7 @@ def texts(writer: Writer, n: int, seed: int) -> Path:
     def records() -> Iterator[dict]:
         for k in range(n):
             task = rng.choice(["RecallCode", "ClickTarget"])
-            ep = episode(task, seed * 1_000_003 + k, **TASKS[task])
+            ep = episode(task, data_seed(seed, k), **TASKS[task])
             shown = "\n".join(caption(s) for s in ep.screens[:-1]) if task == "RecallCode" else caption(ep.screens[0])
             yield _qa(f"{shown}\n{ep.screens[-1].instruction}", format_action(ep.solution))
 
