@@ -114,16 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reading", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a checkpoint directory (default: the embedded model)")
     parser.add_argument("--screens", type=int, default=200, help="held-out screens for the tower probe")
-    parser.add_argument("--questions", type=int, default=40, help="held-out questions of each kind")
+    parser.add_argument("--questions", type=int, default=40, help="held-out questions of each kind (0: the tower alone)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = (load_checkpoint(args.model) if args.model else default_model()).float().eval()
-    result = {**probe_tower(model, 6 * args.screens, args.screens), **probe_answers(model, args.questions)}
-    print("| glyph slots (linear probe) | codes whole (probe) | centre digits (probe) | codes answered | clicks hit |")
-    print("|---|---|---|---|---|")
-    print("| " + " | ".join(f"{result[k]:.0%}" for k in
-                              ("glyph_slots", "codes_whole", "centre_digits", "codes_answered", "clicks_hit")) + " |")
+    result = probe_tower(model, 6 * args.screens, args.screens)
+    if args.questions:
+        result |= probe_answers(model, args.questions)
+    columns = {"glyph_slots": "glyph slots (linear probe)", "codes_whole": "codes whole (probe)",
+               "centre_digits": "centre digits (probe)", "codes_answered": "codes answered", "clicks_hit": "clicks hit"}
+    print("| " + " | ".join(columns[k] for k in result) + " |")
+    print("|" + "---|" * len(result))
+    print("| " + " | ".join(f"{v:.0%}" for v in result.values()) + " |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
