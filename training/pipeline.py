@@ -1,8 +1,7 @@
 """The embedded demo model, end to end on a CPU:
 
-    python -m training.pipeline --preset demo --install     # <= 60 min on 2 cores
-    python -m training.pipeline --preset smoke              # < 3 min: checks that the loss falls
-    python -m training.pipeline --preset demo --workers 2   # the LLM stages on 2 Ray Train workers
+    python -m training.pipeline --preset demo --workers 2 --install   # about 51 min on 2 cores
+    python -m training.pipeline --preset smoke                        # < 3 min: checks that the loss falls
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
    rollouts recorded by ``envs.rollout`` and converted by ``training.trajectories``;
