@@ -119,6 +119,10 @@ VARIANTS = (
     Variant("transformer (GPT-2, learned positions)", Transformer),
     Variant("hybrid, d_state 8, expand 1, Adam beta2 0.95", Hybrid, dict(mamba_d_state=8, mamba_expand=1), adam_beta2=0.95),
     Variant("hybrid, d_state 8, expand 1, tied embeddings", Hybrid, dict(mamba_d_state=8, mamba_expand=1, tie_word_embeddings=True)),
+    # where the one attention layer sits (Jamba's and the embedded config's: layer 4 of 8)
+    Variant("hybrid, d_state 8, expand 1, attention at layer 1", Hybrid, dict(mamba_d_state=8, mamba_expand=1, attn_layer_offset=1)),
+    Variant("hybrid, d_state 8, expand 1, attention at layer 7", Hybrid, dict(mamba_d_state=8, mamba_expand=1, attn_layer_offset=7)),
+    Variant("hybrid, the embedded config, attention at layer 1", Hybrid, dict(attn_layer_offset=1)),
 )
 
 

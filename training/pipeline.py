@@ -138,20 +138,25 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
         "texts": synthetic.texts(writer, preset.texts, seed + 5),
         "codes": synthetic.questions(writer, preset.codes, seed + 6, {"RecallCode": 1.0}, "codes"),
     }
+    files["trajectories"] = trajectories(preset.trajectories, root, seed)
+    return files
+
+
+def trajectories(jobs: tuple[Episodes, ...], root: Path, seed: int) -> Path:
+    """Oracle rollouts of every job under ``root/rollouts``, as ``root/trajectories.jsonl``."""
     from agent.actions import GRAMMAR_HELP  # the instruction agent.policy.ModelPolicy gives
     from envs.rollout import run_rollout
 
     roots = []
-    for k, job in enumerate(preset.trajectories):
+    for k, job in enumerate(jobs):
         for j, span in enumerate(job.spans):
             out = root / "rollouts" / f"{job.task}-{span}"
             run_rollout(f"longllava/{job.task}-v0", "oracle", episodes=max(1, job.episodes // len(job.spans)),
                         seed=data_seed(seed + 10 + k, j * 1_000), out=out,
                         env_kwargs={"memory_span": span, "difficulty": job.difficulty})
             roots.append(out)
-    files["trajectories"] = root / "trajectories.jsonl"
-    write_records(roots, files["trajectories"], GRAMMAR_HELP)
-    return files
+    write_records(roots, root / "trajectories.jsonl", GRAMMAR_HELP)
+    return root / "trajectories.jsonl"
 
 
 def data_hash(files: dict[str, Path]) -> str:
