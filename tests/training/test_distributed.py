@@ -34,8 +34,9 @@ def assert_close(a, b):
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     # Adam divides each gradient by its own running scale, so where a gradient is near zero
     # the workers' different summation order can move a weight by a visible fraction of a
-    # step (4e-5 measured); training on the wrong samples moves weights by ~lr x steps (4e-3)
-    assert worst < 1e-4, worst
+    # step (4e-5 and 1.1e-4 measured, on two CPUs); training on the wrong samples moves
+    # weights by ~lr x steps (4e-3), eight times this bound
+    assert worst < 5e-4, worst
 
 
 def test_two_workers_give_the_weights_of_one_with_the_same_global_batch(tmp_path, local_ray):
