@@ -5,7 +5,8 @@
 1. **The tower's tokens.** A linear ``training.tower.SlotHead`` is fitted on the frozen
    tower's pooled tokens of training-seed screens (access codes and toolbars), then
    scores held-out ones: glyph slots right, access codes read whole, button-centre digits
-   right. This says whether the text is in the image tokens at all.
+   right. This says whether the text is in the image tokens at all. It also counts the
+   codes' layouts (which glyph slots they fill): one, since the code panel is monospace.
 2. **The whole model.** Single-screen questions in the training format (an access code,
    a named button to click), answered greedily: codes right, clicks that hit. This says
    whether the LLM reads the tokens.
@@ -75,8 +76,11 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
     with torch.no_grad():
         right = head(x_test).argmax(-1) == y_test
     shows = y_test != empty
-    codes = [bool(right[i, CODE_ROW, :GLYPH_SLOTS].all()) for i, task in enumerate(tasks) if task == "RecallCode"]
+    shown = [i for i, task in enumerate(tasks) if task == "RecallCode"]
+    codes = [bool(right[i, CODE_ROW, :GLYPH_SLOTS].all()) for i in shown]
+    layouts = {tuple(shows[i, CODE_ROW, :GLYPH_SLOTS].flatten().tolist()) for i in shown}
     return {
+        "code_layouts": len(layouts),
         "glyph_slots": (right & shows)[..., :GLYPH_SLOTS].sum().item() / shows[..., :GLYPH_SLOTS].sum().item(),
         "codes_whole": sum(codes) / len(codes),
         "centre_digits": (right & shows)[..., CENTRE_SLOTS].sum().item() / shows[..., CENTRE_SLOTS].sum().item(),
@@ -122,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     result = probe_tower(model, 6 * args.screens, args.screens)
     if args.questions:
         result |= probe_answers(model, args.questions)
-    columns = {"glyph_slots": "glyph slots (linear probe)", "codes_whole": "codes whole (probe)",
+    columns = {"code_layouts": "code layouts (slots used)", "glyph_slots": "glyph slots (linear probe)", "codes_whole": "codes whole (probe)",
                "centre_digits": "centre digits (probe)", "codes_answered": "codes answered", "clicks_hit": "clicks hit"}
     print("| " + " | ".join(columns[k] for k in result) + " |")
     print("|" + "---|" * len(result))
-    print("| " + " | ".join(f"{v:.0%}" for v in result.values()) + " |")
+    print("| " + " | ".join(f"{v}" if isinstance(v, int) else f"{v:.0%}" for v in result.values()) + " |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -42,13 +42,17 @@ CONTENT: Box = (30, TITLE_HEIGHT + 30, 970, 970)
 
 @dataclass(frozen=True)
 class Panel:
-    """A filled rectangle (a button, a card, a field), with an optional centred label."""
+    """A filled rectangle (a button, a card, a field), with an optional centred label.
+    A `monospace` label puts each character at the centre of its own equal-width cell, as
+    a one-time-code display does: every label of a length then has its n-th character at
+    the same place, whatever the characters (a proportional font moves them)."""
 
     box: Box
     fill: Color
     label: str = ""
     ink: Color = BLACK
     outline: Color | None = None
+    monospace: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,14 +150,30 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=max(size, 6))
 
 
+def _pitch(font: ImageFont.FreeTypeFont) -> float:
+    """A monospace label's cell width: the font's widest capital."""
+    return font.getlength("W")
+
+
+def _label_length(panel: Panel, font: ImageFont.FreeTypeFont) -> float:
+    return len(panel.label) * _pitch(font) if panel.monospace else font.getlength(panel.label)
+
+
 def _panel_font(panel: Panel, width: int, height: int) -> ImageFont.FreeTypeFont:
     """Half the panel's height, shrunk until the label fits in 90% of its width."""
     x0, y0, x1, y1 = _pixels(panel.box, width, height)
     font = _font((y1 - y0) // 2)
     longest = 0.9 * (x1 - x0)
-    if font.getlength(panel.label) > longest:
-        font = _font(int(font.size * longest / font.getlength(panel.label)))
+    if _label_length(panel, font) > longest:
+        font = _font(int(font.size * longest / _label_length(panel, font)))
     return font
+
+
+def _monospace_centres(panel: Panel, font: ImageFont.FreeTypeFont, width: int, height: int) -> list[float]:
+    """The x of each character's cell centre in a monospace label, centred in its panel."""
+    x0, _, x1, _ = _pixels(panel.box, width, height)
+    left = (x0 + x1) / 2 - _label_length(panel, font) / 2
+    return [left + (k + 0.5) * _pitch(font) for k in range(len(panel.label))]
 
 
 def _panel(draw: ImageDraw.ImageDraw, panel: Panel, width: int, height: int) -> None:
@@ -161,9 +181,14 @@ def _panel(draw: ImageDraw.ImageDraw, panel: Panel, width: int, height: int) -> 
     if x1 <= x0 or y1 <= y0:
         return
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=panel.fill, outline=panel.outline)
-    if panel.label:
-        font = _panel_font(panel, width, height)
-        draw.text(((x0 + x1) / 2, (y0 + y1) / 2), panel.label, fill=panel.ink, font=font, anchor="mm")
+    if not panel.label:
+        return
+    font, middle = _panel_font(panel, width, height), (y0 + y1) / 2
+    if panel.monospace:
+        for ch, x in zip(panel.label, _monospace_centres(panel, font, width, height)):
+            draw.text((x, middle), ch, fill=panel.ink, font=font, anchor="mm")
+    else:
+        draw.text(((x0 + x1) / 2, middle), panel.label, fill=panel.ink, font=font, anchor="mm")
 
 
 def _label_font(label: Label, height: int) -> ImageFont.FreeTypeFont:
@@ -180,23 +205,31 @@ def glyphs(screen: Screen, width: int, height: int) -> list[tuple[str, float, fl
     """Where `render` draws each visible character of the screen's text (the title's,
     panels' and labels'), as (character, x, y) of its centre in pixels: the ground truth
     for a model learning to read screenshots. Spaces are left out."""
-    out = []
-    for element in (_title(screen), *screen.elements):
-        match element:
-            case Panel(label=text) if text:
-                x0, y0, x1, y1 = _pixels(element.box, width, height)
-                font = _panel_font(element, width, height)
-                left, middle = (x0 + x1) / 2 - font.getlength(text) / 2, (y0 + y1) / 2
-            case Label(text=text):
-                font = _label_font(element, height)
-                top = font.getbbox(text)
-                left = element.xy[0] * width // COORDINATE_MAX
-                middle = element.xy[1] * height // COORDINATE_MAX + (top[1] + top[3]) / 2
-            case _:
-                continue
-        out += [(ch, left + font.getlength(text[:k]) + font.getlength(ch) / 2, middle)
-                for k, ch in enumerate(text) if not ch.isspace()]
-    return out
+    return [(ch, x, y) for element in (_title(screen), *screen.elements)
+            for ch, x, y in _text_centres(element, width, height) if not ch.isspace()]
+
+
+def _text_centres(element: Element, width: int, height: int) -> list[tuple[str, float, float]]:
+    match element:
+        case Panel(label=text) if text:
+            x0, y0, x1, y1 = _pixels(element.box, width, height)
+            font, middle = _panel_font(element, width, height), (y0 + y1) / 2
+            if element.monospace:
+                xs = _monospace_centres(element, font, width, height)
+            else:
+                xs = _proportional_centres(text, font, (x0 + x1) / 2 - font.getlength(text) / 2)
+        case Label(text=text):
+            font = _label_font(element, height)
+            top = font.getbbox(text)
+            middle = element.xy[1] * height // COORDINATE_MAX + (top[1] + top[3]) / 2
+            xs = _proportional_centres(text, font, element.xy[0] * width // COORDINATE_MAX)
+        case _:
+            return []
+    return [(ch, x, middle) for ch, x in zip(text, xs)]
+
+
+def _proportional_centres(text: str, font: ImageFont.FreeTypeFont, left: float) -> list[float]:
+    return [left + font.getlength(text[:k]) + font.getlength(ch) / 2 for k, ch in enumerate(text)]
 
 
 def _icon(draw: ImageDraw.ImageDraw, icon: Icon, width: int, height: int) -> None:

@@ -112,7 +112,7 @@ PRESETS = {
         architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, codes=6000, questions=8000, sequences=600,
         texts=300,
         trajectories=(
-            Episodes("RecallCode", 120, (2, 4, 8, 16)), Episodes("ClickTarget", 100, (0,)),
+            Episodes("RecallCode", 500, (1, 2, 4, 8, 16)), Episodes("ClickTarget", 400, (0,)),
             Episodes("OrderEvents", 16, (4,)), Episodes("CountEvents", 16, (4,)), Episodes("NeedleFrame", 16, (6,)),
         ),
         tower_steps=1400, tower_lr=3e-3, steps={"align": 40, "read": 1200, "single": 500, "multi": 60, "trajectory": 100},

@@ -1,9 +1,11 @@
 """RecallCode: an access code is shown once; `memory_span` steps later, type it.
 
-The code appears on the first screen; inbox screens of distractor messages follow
-(on "hard" each inbox also shows a decoy code of the same form), and the last screen is
-a sign-in form. The right action is `type("<code>")`. The random baseline types a random
-code of the right length, so its chance is about zero.
+The code appears on the first screen, in a monospace box as one-time-code displays
+show it (each character of a code sits at the same place, whatever the code). Inbox
+screens of distractor messages follow (on "hard" each inbox also shows a decoy code of
+the same form), and the last screen is a sign-in form. The right action is
+`type("<code>")`. The random baseline types a random code of the right length, so its
+chance is about zero.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class RecallCodeEnv(ScreenEnv):
         shown = Screen(
             "Sign-in",
             "Remember this access code; you will need it later. Reply wait() to continue.",
-            (Label((120, 300), "Your one-time access code:", 60), Panel((120, 420, 880, 620), WHITE, code, outline=GREY)),
+            (Label((120, 300), "Your one-time access code:", 60), Panel((120, 420, 880, 620), WHITE, code, outline=GREY, monospace=True)),
         )
         inboxes = [self._inbox(rng, length) for _ in range(self.memory_span - 1)]
         form = Screen(

@@ -64,3 +64,19 @@ def test_cell_slots_spell_the_code_in_reading_order_and_mark_where_to_click():
         centres = sorted(cell[8:14] for cell in cells if cell[8:14].strip())
         buttons = sorted(f"{(b[0] + b[2]) // 2:03d}{(b[1] + b[3]) // 2:03d}" for b in (e.box for e in screen.elements))
         assert centres == buttons
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "hard"])
+def test_every_access_code_of_a_length_puts_its_characters_at_the_same_places(difficulty):
+    """The code panel is monospace: a proportional font would move the n-th character
+    with the widths of those before it, and a tower's fixed reading slots would miss it."""
+    places = set()
+    for seed in range(40):
+        env = gym.make("longllava/RecallCode-v0", difficulty=difficulty, memory_span=1)
+        env.reset(seed=seed)
+        shown = env.unwrapped._episode.screens[0]
+        code = env.unwrapped._episode.solution.text
+        found = [(ch, x, y) for ch, x, y in glyphs(shown, 336, 336) if 140 <= y < 208]  # the code panel's rows
+        assert "".join(ch for ch, _, _ in found) == code
+        places.add(tuple((x, y) for _, x, y in found))
+    assert len(places) == 1
