@@ -183,12 +183,12 @@ def _panel(draw: ImageDraw.ImageDraw, panel: Panel, width: int, height: int) -> 
     draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=panel.fill, outline=panel.outline)
     if not panel.label:
         return
-    font, middle = _panel_font(panel, width, height), (y0 + y1) / 2
-    if panel.monospace:
-        for ch, x in zip(panel.label, _monospace_centres(panel, font, width, height)):
-            draw.text((x, middle), ch, fill=panel.ink, font=font, anchor="mm")
+    font = _panel_font(panel, width, height)
+    if panel.monospace:  # one character at a time, where `glyphs` says it is
+        for ch, x, y in _text_centres(panel, width, height):
+            draw.text((x, y), ch, fill=panel.ink, font=font, anchor="mm")
     else:
-        draw.text(((x0 + x1) / 2, middle), panel.label, fill=panel.ink, font=font, anchor="mm")
+        draw.text(((x0 + x1) / 2, (y0 + y1) / 2), panel.label, fill=panel.ink, font=font, anchor="mm")
 
 
 def _label_font(label: Label, height: int) -> ImageFont.FreeTypeFont:

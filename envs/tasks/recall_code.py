@@ -42,7 +42,10 @@ class RecallCodeEnv(ScreenEnv):
         shown = Screen(
             "Sign-in",
             "Remember this access code; you will need it later. Reply wait() to continue.",
-            (Label((120, 300), "Your one-time access code:", 60), Panel((120, 420, 880, 620), WHITE, code, outline=GREY, monospace=True)),
+            (
+                Label((120, 300), "Your one-time access code:", 60),
+                Panel((120, 420, 880, 620), WHITE, code, outline=GREY, monospace=True),
+            ),
         )
         inboxes = [self._inbox(rng, length) for _ in range(self.memory_span - 1)]
         form = Screen(
