@@ -1,6 +1,6 @@
 """The embedded demo model, end to end on a CPU:
 
-    python -m training.pipeline --preset demo --workers 2 --install   # about 51 min on 2 cores
+    python -m training.pipeline --preset demo --workers 2 --install   # about 52 min on 2 cores
     python -m training.pipeline --preset smoke                        # < 3 min: checks that the loss falls
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
@@ -15,7 +15,9 @@
    first (``read``) on the access-code question alone, then on every question kind. A
    random LLM learns to copy text out of image tokens only after a long plateau, which it
    leaves on that one question in a few hundred steps and within a mix of kinds not in
-   the hour; stage 3 then runs at a quarter of the rate, which keeps more of that;
+   the hour; the second stage-2 run and stage 3 run at a quarter of the rate, and the
+   access-code questions are replayed in it and in trajectory fine-tuning, which keeps
+   more of that;
 4. the result in half precision, with a manifest of how it was made; ``--install``
    writes it into ``model/weights/default``, where ``default_model()`` finds it.
 
@@ -115,7 +117,7 @@ PRESETS = {
             Episodes("RecallCode", 500, (1, 2, 4, 8, 16)), Episodes("ClickTarget", 400, (0,)),
             Episodes("OrderEvents", 16, (4,)), Episodes("CountEvents", 16, (4,)), Episodes("NeedleFrame", 16, (6,)),
         ),
-        tower_steps=1400, tower_lr=3e-3, steps={"align": 40, "read": 1200, "single": 500, "multi": 60, "trajectory": 100},
+        tower_steps=1400, tower_lr=3e-3, steps={"align": 40, "read": 1000, "single": 250, "multi": 60, "trajectory": 250},
         batch={"align": 16, "read": 16, "single": 16, "multi": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
@@ -194,11 +196,15 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # one question kind first (see the docstring), at a constant rate: the mix after it
         # decays it (warmup, stable, decay over the two runs)
         ("read", "single", [source("codes")], {"schedule": "constant"}),
-        ("single", "single", [source("questions")], {}),
+        # stage 2 at a quarter of the rate, with the codes replayed: at the full rate its
+        # question mix erased the copy that ``read`` had learnt (docs/benchmarks.md)
+        ("single", "single", [source("questions"), source("codes", 0.3)], {"lr": preset.lr / 4}),
         # stage 3 at a quarter of the rate: at the full rate its new formats erased most of
         # the copying that stage 2 had learnt (docs/benchmarks.md)
         ("multi", "multi", [source("sequences"), source("questions", 0.2), source("texts")], {"lr": preset.lr / 4}),
-        ("trajectory", "trajectory", [source("trajectories")], {}),  # slower, it did not learn to type the code
+        # codes replayed here too (trajectory fine-tuning alone lost the reading); at half
+        # this rate it never learnt when to type (docs/benchmarks.md)
+        ("trajectory", "trajectory", [source("trajectories"), source("codes", 0.05)], {}),
     ]
     configs, previous = [], runs / "tower" / "model"
     for name, stage, data, settings in plan:
