@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from envs.actions import parse_action
+from envs.actions import Click, parse_action
 from envs.render import hits, render
 from model.checkpoint import load_checkpoint
 from model.default import default_model
@@ -110,7 +110,7 @@ def probe_answers(model: LongLLaVA, n: int) -> dict:
             codes += answer(model, image, "What is the access code?", tokenizer) == ep.solution.text
         else:
             action = parse_action(answer(model, image, ep.screens[0].instruction, tokenizer))
-            clicks += action is not None and hits(ep.target, action, SIZE, SIZE)
+            clicks += isinstance(action, Click) and hits(ep.target, action, SIZE, SIZE)
     return {"codes_answered": codes / n, "clicks_hit": clicks / n}
 
 

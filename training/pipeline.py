@@ -1,6 +1,6 @@
 """The embedded demo model, end to end on a CPU:
 
-    python -m training.pipeline --preset demo --workers 2 --install   # about 52 min on 2 cores
+    python -m training.pipeline --preset demo --workers 2 --install   # about 40 min on 2 cores (docs/benchmarks.md)
     python -m training.pipeline --preset smoke                        # < 3 min: checks that the loss falls
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
@@ -16,8 +16,11 @@
    random LLM learns to copy text out of image tokens only after a long plateau, which it
    leaves on that one question in a few hundred steps and within a mix of kinds not in
    the hour; the second stage-2 run and stage 3 run at a quarter of the rate, and the
-   access-code questions are replayed in it and in trajectory fine-tuning, which keeps
-   more of that;
+   access-code questions are replayed in both and in trajectory fine-tuning, which keeps
+   more of that; stage 3 runs twice too, then (``recall``) on access-code questions asked
+   several screens after the code: copying from the screen just before a question does
+   not carry over to an earlier screen, which has its own plateau; trajectory fine-tuning
+   leaves the projector as stage 3 left it;
 4. the result in half precision, with a manifest of how it was made; ``--install``
    writes it into ``model/weights/default``, where ``default_model()`` finds it.
 
@@ -87,6 +90,7 @@ class Preset:
     codes: int  # access-code questions for the ``read`` run
     questions: int
     sequences: int
+    recalls: int  # access-code questions several screens after the code, for the ``recall`` run
     texts: int
     trajectories: tuple[Episodes, ...]
     tower_steps: int
@@ -105,20 +109,22 @@ TINY_ARCH = DEFAULT_CONFIG.model_copy(update=dict(
 
 PRESETS = {
     "smoke": Preset(
-        architecture=TINY_ARCH, screens=64, captions=48, codes=32, questions=48, sequences=24, texts=16,
-        trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
-        tower_steps=20, tower_lr=3e-3, steps={"align": 12, "read": 8, "single": 12, "multi": 10, "trajectory": 10},
-        batch={"align": 8, "read": 8, "single": 8, "multi": 4, "trajectory": 2}, lr=3e-3,
+        architecture=TINY_ARCH, screens=64, captions=48, codes=32, questions=48, sequences=24, recalls=16,
+        texts=16, trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
+        tower_steps=20, tower_lr=3e-3,
+        steps={"align": 12, "read": 8, "single": 12, "multi": 10, "recall": 8, "trajectory": 10},
+        batch={"align": 8, "read": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 2}, lr=3e-3,
     ),
     "demo": Preset(
         architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, codes=6000, questions=8000, sequences=600,
-        texts=300,
+        recalls=2000, texts=300,
         trajectories=(
             Episodes("RecallCode", 500, (1, 2, 4, 8, 16)), Episodes("ClickTarget", 400, (0,)),
             Episodes("OrderEvents", 16, (4,)), Episodes("CountEvents", 16, (4,)), Episodes("NeedleFrame", 16, (6,)),
         ),
-        tower_steps=1400, tower_lr=3e-3, steps={"align": 40, "read": 1000, "single": 250, "multi": 60, "trajectory": 250},
-        batch={"align": 16, "read": 16, "single": 16, "multi": 8, "trajectory": 2}, lr=2e-3,
+        tower_steps=1400, tower_lr=3e-3,
+        steps={"align": 40, "read": 1000, "single": 250, "multi": 60, "recall": 300, "trajectory": 350},
+        batch={"align": 16, "read": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
 
@@ -128,7 +134,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``. Data that an
     interrupted run finished (the trajectories are written last) is kept."""
     if (root / "trajectories.jsonl").exists():
-        names = ("screens", "captions", "codes", "questions", "sequences", "texts")
+        names = ("screens", "captions", "codes", "questions", "sequences", "texts", "recalls")
         return {**{name: root / "screens" / f"{name}.jsonl" for name in names}, "trajectories": root / "trajectories.jsonl"}
     writer = synthetic.Writer(root / "screens")
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
@@ -139,6 +145,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
         "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),
         "texts": synthetic.texts(writer, preset.texts, seed + 5),
         "codes": synthetic.questions(writer, preset.codes, seed + 6, {"RecallCode": 1.0}, "codes"),
+        "recalls": synthetic.sequences(writer, preset.recalls, seed + 7, {"RecallCode": 1.0}, 0.0, "recalls"),
     }
     files["trajectories"] = trajectories(preset.trajectories, root, seed)
     return files
@@ -201,10 +208,15 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         ("single", "single", [source("questions"), source("codes", 0.3)], {"lr": preset.lr / 4}),
         # stage 3 at a quarter of the rate: at the full rate its new formats erased most of
         # the copying that stage 2 had learnt (docs/benchmarks.md)
-        ("multi", "multi", [source("sequences"), source("questions", 0.2), source("texts")], {"lr": preset.lr / 4}),
+        ("multi", "multi", [source("sequences"), source("questions", 0.2), source("codes", 0.1), source("texts")],
+         {"lr": preset.lr / 4}),
+        # a code several screens after it was shown: copying from the screen just before the
+        # question does not carry over to that, which leaves its own plateau here
+        ("recall", "multi", [source("recalls"), source("codes", 0.1)], {"lr": preset.lr / 2}),
         # codes replayed here too (trajectory fine-tuning alone lost the reading); at half
-        # this rate it never learnt when to type (docs/benchmarks.md)
-        ("trajectory", "trajectory", [source("trajectories"), source("codes", 0.05)], {}),
+        # this rate it never learnt when to type; with the projector frozen it keeps more
+        # of the reading (docs/benchmarks.md)
+        ("trajectory", "trajectory", [source("trajectories"), source("codes", 0.05)], {"trains": ("llm",)}),
     ]
     configs, previous = [], runs / "tower" / "model"
     for name, stage, data, settings in plan:

@@ -11,9 +11,9 @@
                 loss on the actions only
 
 The vision tower stays frozen in every stage, as in LongLLaVA, whose CLIP is pretrained.
-A model without a pretrained tower (the embedded demo model) must train it somewhere;
-a run's config can say so with ``trains`` (the demo pipeline adds ``vision`` to its
-alignment and single-image stages; see ``training.pipeline``).
+A run's config can change what trains with ``trains``: the embedded demo model, whose
+tower is pretrained on its own and whose LLM starts random, trains the LLM during
+alignment and freezes the projector during trajectory fine-tuning (``training.pipeline``).
 """
 
 from __future__ import annotations

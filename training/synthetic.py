@@ -236,10 +236,11 @@ SEQUENCE_TASKS = {  # task -> (constructor arguments, memory spans to draw from)
 }
 
 
-def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tiles_share: float = 0.1) -> Path:
-    """``n`` multi-screen samples: a short episode's screens as images (NeedleFrame's as a
-    video) and the question its last screen asks; a ``tiles_share`` of them is instead one
-    toolbar as a tiled high-resolution image."""
+def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tiles_share: float = 0.1,
+              name: str = "sequences") -> Path:
+    """``n`` multi-screen samples, in ``<name>.jsonl``: a short episode's screens as images
+    (NeedleFrame's as a video) and the question its last screen asks; a ``tiles_share`` of
+    them is instead one toolbar as a tiled high-resolution image."""
     rng = random.Random(seed)
 
     def records() -> Iterator[dict]:
@@ -261,7 +262,7 @@ def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tile
             else:
                 yield _qa(question.instruction, answer, [writer.image(s) for s in ep.screens])
 
-    return writer.write("sequences", records())
+    return writer.write(name, records())
 
 
 def texts(writer: Writer, n: int, seed: int) -> Path:
