@@ -2,7 +2,7 @@
 
 A conversation is LongLLaVA's chat template, turn by turn (``model.prompt``): a user turn
 is ``user_turn(text)``, an answer is ``ASSISTANT_PREFIX`` then the answer and EOS. Only
-the answer and its EOS are labelled; the template, the user's text and every image
+the answer and its EOS are labelled (only the last answer's, with ``mask_history``); the template, the user's text and every image
 position carry ``IGNORE_INDEX``. Labels are laid out on the sequence the model sees, where
 each ``<image>`` placeholder stands for ``image_tokens`` positions.
 
@@ -52,12 +52,13 @@ def encode(example: Example, tokenizer: Tokenizer, image_tokens: int) -> Encoded
             else:
                 labels.append(token if learn else IGNORE_INDEX)
 
-    for role, text in example.turns:
+    last = max((k for k, (role, _) in enumerate(example.turns) if role == "assistant"), default=-1)
+    for k, (role, text) in enumerate(example.turns):
         if role == "user":
             add(user_turn(text), learn=False)
         else:
             add(ASSISTANT_PREFIX, learn=False)
-            add(text + EOS_TOKEN, learn=True)
+            add(text + EOS_TOKEN, learn=k == last or not example.mask_history)
     return Encoded(ids, labels)
 
 

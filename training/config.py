@@ -17,13 +17,16 @@ from .stages import RECIPES, Part, StageName
 
 
 class DataSource(BaseModel):
-    """A LLaVA-format JSON/JSONL file; ``fraction`` keeps its first share (for replay)."""
+    """A LLaVA-format JSON/JSONL file; ``fraction`` keeps its first share (for replay);
+    ``mask_history`` labels only each conversation's last answer, as LLaMA-Factory's
+    option of that name does."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
     fraction: float = Field(1.0, gt=0, le=1)
     image_folder: str | None = None
+    mask_history: bool = False
 
 
 class TrainConfig(BaseModel):

@@ -60,6 +60,7 @@ class Example:
     id: str
     turns: tuple[tuple[str, str], ...]
     images: tuple[PILImage.Image, ...]
+    mask_history: bool = False  # only the last answer is labelled (LLaMA-Factory's mask_history)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _load(path: Path) -> PILImage.Image:
         raise BadRecord(f"corrupt image {path}: {exc}") from None
 
 
-def render(record: Record, tile_size: int) -> Example:
+def render(record: Record, tile_size: int, mask_history: bool = False) -> Example:
     """Read the record's media and put them into its text as LongLLaVA markup."""
     images, videos = iter(record.images), iter(record.videos)
     loaded: list[PILImage.Image] = []
@@ -187,18 +188,20 @@ def render(record: Record, tile_size: int) -> Example:
                         out.append(IMAGE_MARKUP)
                 out.append(part)
         turns.append((role, "".join(out)))
-    return Example(record.id, tuple(turns), tuple(loaded))
+    return Example(record.id, tuple(turns), tuple(loaded), mask_history)
 
 
 class LlavaDataset(Dataset):
     """LLaVA-format files as one dataset; ``dataset[i]`` is an ``Example`` or a ``Skipped``.
 
     ``fraction`` keeps the first share of each file's records (a replay share of an
-    earlier stage's data, say); ``tile_size`` is the vision tower's input size.
+    earlier stage's data, say); ``tile_size`` is the vision tower's input size;
+    ``mask_history`` labels only each conversation's last answer (an agent's decision at
+    the end of an episode, say, which its many earlier answers would otherwise outweigh).
     """
 
     def __init__(self, paths: list[str | Path], tile_size: int = 336, image_folder: str | Path | None = None,
-                 fraction: float = 1.0):
+                 fraction: float = 1.0, mask_history: bool = False):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
         self.records: list[Record] = []
@@ -209,7 +212,7 @@ class LlavaDataset(Dataset):
             self.problems += problems
         for problem in self.problems:
             log.warning("skipping record %s", problem)
-        self.tile_size = tile_size
+        self.tile_size, self.mask_history = tile_size, mask_history
 
     def __len__(self) -> int:
         return len(self.records)
@@ -217,6 +220,6 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> Example | Skipped:
         record = self.records[i]
         try:
-            return render(record, self.tile_size)
+            return render(record, self.tile_size, self.mask_history)
         except BadRecord as exc:
             return Skipped(record.id, str(exc))

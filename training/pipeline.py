@@ -123,7 +123,7 @@ PRESETS = {
             Episodes("OrderEvents", 16, (4,)), Episodes("CountEvents", 16, (4,)), Episodes("NeedleFrame", 16, (6,)),
         ),
         tower_steps=1400, tower_lr=3e-3,
-        steps={"align": 40, "read": 1000, "single": 250, "multi": 60, "recall": 300, "trajectory": 350},
+        steps={"align": 40, "read": 1000, "single": 250, "multi": 60, "recall": 400, "trajectory": 350},
         batch={"align": 16, "read": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
@@ -195,8 +195,8 @@ def tower(preset: Preset, screens: Path, run: Path, seed: int) -> tuple[float, f
 
 
 def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int, workers: int = 1) -> list[TrainConfig]:
-    def source(name: str, fraction: float = 1.0) -> DataSource:
-        return DataSource(path=str(files[name]), fraction=fraction)
+    def source(name: str, fraction: float = 1.0, mask_history: bool = False) -> DataSource:
+        return DataSource(path=str(files[name]), fraction=fraction, mask_history=mask_history)
 
     plan = [  # (run, stage, data, settings where the recipe is not LongLLaVA's)
         ("align", "align", [source("captions")], {"trains": ("projector", "llm")}),  # the LLM starts random
@@ -212,11 +212,13 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
          {"lr": preset.lr / 4}),
         # a code several screens after it was shown: copying from the screen just before the
         # question does not carry over to that, which leaves its own plateau here
-        ("recall", "multi", [source("recalls"), source("codes", 0.1)], {"lr": preset.lr / 2}),
+        ("recall", "multi", [source("recalls"), source("codes", 0.1)], {"lr": preset.lr / 2, "schedule": "constant"}),
         # codes replayed here too (trajectory fine-tuning alone lost the reading); at half
         # this rate it never learnt when to type; with the projector frozen it keeps more
-        # of the reading (docs/benchmarks.md)
-        ("trajectory", "trajectory", [source("trajectories"), source("codes", 0.05)], {"trains": ("llm",)}),
+        # of the reading (docs/benchmarks.md); each episode a second time with only its last
+        # action labelled, since its many wait() replies taught it to wait at the form too
+        ("trajectory", "trajectory", [source("trajectories"), source("trajectories", mask_history=True),
+                                      source("codes", 0.05)], {"trains": ("llm",)}),
     ]
     configs, previous = [], runs / "tower" / "model"
     for name, stage, data, settings in plan:

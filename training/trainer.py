@@ -57,7 +57,7 @@ def build_model(config: TrainConfig, device: torch.device) -> LongLLaVA:
 
 def build_dataset(sources: list[DataSource], model_config: LongLLaVAConfig) -> Dataset:
     tile = model_config.vision_config.image_size if model_config.vision_config else 336
-    return ConcatDataset([LlavaDataset([s.path], tile, s.image_folder, s.fraction) for s in sources])
+    return ConcatDataset([LlavaDataset([s.path], tile, s.image_folder, s.fraction, s.mask_history) for s in sources])
 
 
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:

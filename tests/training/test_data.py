@@ -42,6 +42,24 @@ def test_only_answers_and_their_eos_are_labelled(tmp_path, kinds, kind):
     assert all(label == IGNORE_INDEX for label, tok in zip(encoded.labels, position_tokens) if tok is None)
 
 
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_mask_history_labels_only_the_last_answer(tmp_path, mask_history):
+    """An episode as one conversation: every reply is labelled, or with ``mask_history``
+    (LLaMA-Factory's option) only the last one; the ids are the same either way."""
+    image = write_image(tmp_path / "a.png", seed=0)
+    turns = [("<image>\nKeep it in mind.", "wait()"), ("<image>\nType it.", 'type("AB12")')]
+    record = {"image": [image, image],
+              "conversations": [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))]}
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    encoded = encode(LlavaDataset([path], tile_size=84, mask_history=mask_history)[0], TOKENIZER, TINY.image_tokens)
+    plain = encode(LlavaDataset([path], tile_size=84)[0], TOKENIZER, TINY.image_tokens)
+
+    labelled = [t for t in encoded.labels if t != IGNORE_INDEX]
+    answers = ['type("AB12")'] if mask_history else ["wait()", 'type("AB12")']
+    assert labelled == [t for a in answers for t in TOKENIZER.encode(a + EOS_TOKEN)]
+    assert encoded.input_ids == plain.input_ids
+
+
 def test_markup_follows_the_prompt_protocol(tmp_path, kinds):
     records = [kinds["multi"], kinds["video"], kinds["tiles"]]
     multi, video, tiles = LlavaDataset([write_jsonl(tmp_path / "d.jsonl", records)], tile_size=84)
