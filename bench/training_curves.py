@@ -12,7 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-STAGES = ("tower", "align", "read", "single", "multi", "trajectory")
+from training.pipeline import PRESETS
+
+STAGES = ("tower", *PRESETS["demo"].steps)  # the pipeline's runs, in order
 
 
 def read(path: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """The embedded demo model, end to end on a CPU:
 
-    python -m training.pipeline --preset demo --workers 2 --install   # about 40 min on 2 cores (docs/benchmarks.md)
+    python -m training.pipeline --preset demo --workers 2 --install   # 40 to 55 min on 2 cores (docs/benchmarks.md)
     python -m training.pipeline --preset smoke                        # < 3 min: checks that the loss falls
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
@@ -20,7 +20,9 @@
    more of that; stage 3 runs twice too, then (``recall``) on access-code questions asked
    several screens after the code: copying from the screen just before a question does
    not carry over to an earlier screen, which has its own plateau; trajectory fine-tuning
-   leaves the projector as stage 3 left it;
+   leaves the projector as stage 3 left it, and reads each episode a second time with
+   only its last action labelled, since its many ``wait()`` replies otherwise teach it to
+   wait at the question too;
 4. the result in half precision, with a manifest of how it was made; ``--install``
    writes it into ``model/weights/default``, where ``default_model()`` finds it.
 
