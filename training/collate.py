@@ -2,9 +2,10 @@
 
 A conversation is LongLLaVA's chat template, turn by turn (``model.prompt``): a user turn
 is ``user_turn(text)``, an answer is ``ASSISTANT_PREFIX`` then the answer and EOS. Only
-the answer and its EOS are labelled (only the last answer's, with ``mask_history``); the template, the user's text and every image
-position carry ``IGNORE_INDEX``. Labels are laid out on the sequence the model sees, where
-each ``<image>`` placeholder stands for ``image_tokens`` positions.
+the answers and their EOS are labelled (with ``mask_history``, only the last answer's);
+the template, the user's text and every image position carry ``IGNORE_INDEX``. Labels
+are laid out on the sequence the model sees, where each ``<image>`` placeholder stands
+for ``image_tokens`` positions.
 
 Batches are right-padded: every op of the model is causal, so padding never reaches a
 real position, and padded positions carry no label.
