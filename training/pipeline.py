@@ -114,8 +114,8 @@ PRESETS = {
         architecture=TINY_ARCH, screens=64, captions=48, codes=32, questions=48, sequences=24, recalls=16,
         texts=16, trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
         tower_steps=20, tower_lr=3e-3,
-        steps={"align": 12, "read": 8, "single": 12, "multi": 10, "recall": 8, "trajectory": 10},
-        batch={"align": 8, "read": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 2}, lr=3e-3,
+        steps={"align": 12, "read": 8, "single": 12, "multi": 10, "recall": 8, "trajectory": 20},
+        batch={"align": 8, "read": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 4}, lr=3e-3,
     ),
     "demo": Preset(
         architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, codes=6000, questions=8000, sequences=600,
