@@ -155,11 +155,23 @@ def train(variant: Variant, steps: int, seed: int) -> dict:
         optimizer.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - began
-    smooth = [statistics.fmean(losses[max(0, k - 49): k + 1]) for k in range(len(losses))]
-    learned = next((k + 1 for k, v in enumerate(smooth) if v < LEARNED), None)
+    learned, final = learning(losses, LEARNED)
     return {"variant": variant.name, "seed": seed, "params": sum(p.numel() for p in model.parameters()), "steps": steps,
-            "seconds": round(seconds, 1), "learned_at": learned, "final_loss": round(smooth[-1], 3),
+            "seconds": round(seconds, 1), "learned_at": learned, "final_loss": final,
             "exact_match": exact_match(model.eval()), "losses": [round(v, 4) for v in losses]}
+
+
+def learning(losses: list[float], threshold: float) -> tuple[int | None, float]:
+    """The first step whose loss (mean of the last 50 steps) is below ``threshold``, and the final such mean."""
+    smooth = [statistics.fmean(losses[max(0, k - 49): k + 1]) for k in range(len(losses))]
+    return next((k + 1 for k, v in enumerate(smooth) if v < threshold), None), round(smooth[-1], 3)
+
+
+def over_seeds(runs: list[dict]) -> str:
+    """Table cells for one variant's runs: how many seeds learnt, their median step, the median final loss."""
+    learned = [r["learned_at"] for r in runs if r["learned_at"] is not None]
+    return (f"{len(learned)} of {len(runs)} | {statistics.median(learned) if learned else 'never'} "
+            f"| {statistics.median(r['final_loss'] for r in runs):.2f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -201,10 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for variant in chosen:
         runs = [r for r in rows if r["variant"] == variant.name]
-        learned = [r["learned_at"] for r in runs if r["learned_at"] is not None]
         print(f"| {variant.name} | {runs[0]['params'] / 1e6:.2f} M | {statistics.median(r['seconds'] for r in runs):.0f} "
-              f"| {len(learned)} of {len(runs)} | {statistics.median(learned) if learned else 'never'} "
-              f"| {statistics.median(r['final_loss'] for r in runs):.2f} | {statistics.median(r['exact_match'] for r in runs):.0%} |")
+              f"| {over_seeds(runs)} | {statistics.median(r['exact_match'] for r in runs):.0%} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         plot(rows, args.out.with_suffix(".png"))

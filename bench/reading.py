@@ -5,8 +5,9 @@
 1. **The tower's tokens.** A linear ``training.tower.SlotHead`` is fitted on the frozen
    tower's pooled tokens of training-seed screens (access codes and toolbars), then
    scores held-out ones: glyph slots right, access codes read whole, button-centre digits
-   right. This says whether the text is in the image tokens at all. It also counts the
-   codes' layouts (which glyph slots they fill): one, since the code panel is monospace.
+   right, the nearest panel's label letters right. This says whether the text is in the
+   image tokens at all. It also counts the codes' layouts (which glyph slots they fill):
+   one, since the code panel is monospace.
 2. **The whole model.** Single-screen questions in the training format (an access code,
    a named button to click), answered greedily: codes right, clicks that hit. This says
    whether the LLM reads the tokens.
@@ -34,7 +35,7 @@ from model.tokenizer import ByteTokenizer, tokenize_prompt
 from model.vision import preprocess_image
 from training.pipeline import EVAL_SEED
 from training.loss import image_features
-from training.synthetic import CENTRE_SLOTS, EMPTY, GLYPH_SLOTS, SIZE, cell_slots, episode
+from training.synthetic import CENTRE_SLOTS, EMPTY, GLYPH_SLOTS, LABEL_SLOTS, SIZE, cell_slots, episode
 from training.tower import SlotHead, slot_targets
 
 CODE_ROW = slice(18, 24)  # the cells of the access code's row on a 6x6 grid
@@ -84,6 +85,7 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
         "glyph_slots": (right & shows)[..., :GLYPH_SLOTS].sum().item() / shows[..., :GLYPH_SLOTS].sum().item(),
         "codes_whole": sum(codes) / len(codes),
         "centre_digits": (right & shows)[..., CENTRE_SLOTS].sum().item() / shows[..., CENTRE_SLOTS].sum().item(),
+        "label_letters": (right & shows)[..., LABEL_SLOTS].sum().item() / max(1, shows[..., LABEL_SLOTS].sum().item()),
     }
 
 
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.questions:
         result |= probe_answers(model, args.questions)
     columns = {"code_layouts": "code layouts (slots used)", "glyph_slots": "glyph slots (linear probe)", "codes_whole": "codes whole (probe)",
-               "centre_digits": "centre digits (probe)", "codes_answered": "codes answered", "clicks_hit": "clicks hit"}
+               "centre_digits": "centre digits (probe)", "label_letters": "nearest label's letters (probe)", "codes_answered": "codes answered", "clicks_hit": "clicks hit"}
     print("| " + " | ".join(columns[k] for k in result) + " |")
     print("|" + "---|" * len(result))
     print("| " + " | ".join(f"{v}" if isinstance(v, int) else f"{v:.0%}" for v in result.values()) + " |")

@@ -11,11 +11,12 @@
    and video questions, tiled screens, replay of stage 2 and text data) and trajectory
    fine-tuning, each a ``Trainer`` run starting from the one before, with LongLLaVA's
    recipes (the pretrained tower frozen throughout) but these changes: the LLM starts
-   random, so it trains in stage 1 along with the projector; stage 2 runs twice,
-   first (``read``) on the access-code question alone, then on every question kind. A
-   random LLM learns to copy text out of image tokens only after a long plateau, which it
-   leaves on that one question in a few hundred steps and within a mix of kinds not in
-   the hour; the second stage-2 run and stage 3 run at a quarter of the rate, and the
+   random, so it trains in stage 1 along with the projector; stage 2 runs three times,
+   first (``read``) on the access-code question alone, then (``click``) on toolbars
+   asking for a named button, then on every question kind. A random LLM learns to copy
+   text out of image tokens only after a long plateau, which it leaves on one question
+   kind in a few hundred steps and within a mix of kinds not in the hour; the last
+   stage-2 run and stage 3 run at a quarter of the rate, and the
    access-code questions are replayed in both and in trajectory fine-tuning, which keeps
    more of that; stage 3 runs twice too, then (``recall``) on access-code questions asked
    several screens after the code: copying from the screen just before a question does
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 
 PERCEPTION = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.3, "OrderEvents": 0.3, "NeedleFrame": 0.3}
 READING = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.15, "OrderEvents": 0.15, "NeedleFrame": 0.15}
+CLICK_ALONE_SHARE = 0.3  # of the ``click`` run's toolbars, those that show the named button alone
 SEQUENCE = {"RecallCode": 1.0, "ClickTarget": 0.5, "OrderEvents": 0.3, "CountEvents": 0.3, "NeedleFrame": 0.3}
 
 
@@ -93,6 +95,7 @@ class Preset:
     questions: int
     sequences: int
     recalls: int  # access-code questions several screens after the code, for the ``recall`` run
+    clicks: int  # toolbars asking for a named button, for the ``click`` run
     texts: int
     trajectories: tuple[Episodes, ...]
     tower_steps: int
@@ -112,21 +115,21 @@ TINY_ARCH = DEFAULT_CONFIG.model_copy(update=dict(
 PRESETS = {
     "smoke": Preset(
         architecture=TINY_ARCH, screens=64, captions=48, codes=32, questions=48, sequences=24, recalls=16,
-        texts=16, trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
+        clicks=16, texts=16, trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
         tower_steps=20, tower_lr=3e-3,
-        steps={"align": 12, "read": 8, "single": 12, "multi": 10, "recall": 8, "trajectory": 20},
-        batch={"align": 8, "read": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 4}, lr=3e-3,
+        steps={"align": 12, "read": 8, "click": 8, "single": 30, "multi": 10, "recall": 8, "trajectory": 20},
+        batch={"align": 8, "read": 8, "click": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 4}, lr=3e-3,
     ),
     "demo": Preset(
         architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, codes=6000, questions=8000, sequences=600,
-        recalls=2000, texts=300,
+        recalls=2000, clicks=6000, texts=300,
         trajectories=(
             Episodes("RecallCode", 500, (1, 2, 4, 8, 16)), Episodes("ClickTarget", 400, (0,)),
             Episodes("OrderEvents", 48, (4,)), Episodes("CountEvents", 48, (4,)), Episodes("NeedleFrame", 48, (6,)),
         ),
         tower_steps=1400, tower_lr=3e-3,
-        steps={"align": 40, "read": 1000, "single": 250, "multi": 60, "recall": 400, "trajectory": 350},
-        batch={"align": 16, "read": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
+        steps={"align": 40, "read": 700, "click": 700, "single": 150, "multi": 60, "recall": 300, "trajectory": 350},
+        batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
 
@@ -136,7 +139,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``. Data that an
     interrupted run finished (the trajectories are written last) is kept."""
     if (root / "trajectories.jsonl").exists():
-        names = ("screens", "captions", "codes", "questions", "sequences", "texts", "recalls")
+        names = ("screens", "captions", "codes", "questions", "sequences", "texts", "recalls", "clicks")
         return {**{name: root / "screens" / f"{name}.jsonl" for name in names}, "trajectories": root / "trajectories.jsonl"}
     writer = synthetic.Writer(root / "screens")
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
@@ -148,6 +151,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
         "texts": synthetic.texts(writer, preset.texts, seed + 5),
         "codes": synthetic.questions(writer, preset.codes, seed + 6, {"RecallCode": 1.0}, "codes"),
         "recalls": synthetic.sequences(writer, preset.recalls, seed + 7, {"RecallCode": 1.0}, 0.0, "recalls"),
+        "clicks": synthetic.clicks(writer, preset.clicks, seed + 8, CLICK_ALONE_SHARE),
     }
     files["trajectories"] = trajectories(preset.trajectories, root, seed)
     return files
@@ -205,9 +209,11 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # one question kind first (see the docstring), decaying: at a constant rate its loss
         # left the plateau by step 550 and jumped back at 570 for good (docs/benchmarks.md)
         ("read", "single", [source("codes")], {}),
+        # then one more: toolbars, a share with the named button alone (see ``clicks``)
+        ("click", "single", [source("clicks"), source("codes", 0.2)], {}),
         # stage 2 at a quarter of the rate, with the codes replayed: at the full rate its
         # question mix erased the copy that ``read`` had learnt (docs/benchmarks.md)
-        ("single", "single", [source("questions"), source("codes", 0.3)], {"lr": preset.lr / 4}),
+        ("single", "single", [source("questions"), source("codes", 0.3), source("clicks", 0.3)], {"lr": preset.lr / 4}),
         # stage 3 at a quarter of the rate: at the full rate its new formats erased most of
         # the copying that stage 2 had learnt (docs/benchmarks.md)
         ("multi", "multi", [source("sequences"), source("questions", 0.2), source("codes", 0.1), source("texts")],

@@ -20,8 +20,9 @@ Trajectories for fine-tuning come from oracle rollouts instead (``training.traje
 from __future__ import annotations
 
 import json
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -144,21 +145,30 @@ TASKS = {  # task -> constructor arguments for short episodes that cover every s
 
 GLYPH_ROWS, GLYPH_COLUMNS = 2, 4  # glyph slots in each cell: two lines of four
 GLYPH_SLOTS = GLYPH_ROWS * GLYPH_COLUMNS
-CENTRE_SLOTS = slice(GLYPH_SLOTS, GLYPH_SLOTS + 6)  # a button's centre, "xxxyyy"
-CELL_SLOTS = GLYPH_SLOTS + 6 + 2  # glyphs, a button's centre, an icon
+CENTRE_SLOTS = slice(GLYPH_SLOTS, GLYPH_SLOTS + 6)  # a labelled panel's centre, "xxxyyy"
+ICON_SLOTS = slice(GLYPH_SLOTS + 6, GLYPH_SLOTS + 8)  # an icon's colour and shape
+LABEL_SLOTS = slice(GLYPH_SLOTS + 8, GLYPH_SLOTS + 12)  # that panel's label's first letters
+CELL_SLOTS = GLYPH_SLOTS + 12
 EMPTY = " "  # a slot that shows nothing (spaces are never a glyph)
 SHAPE_CODES = {"circle": "c", "square": "q", "triangle": "t", "diamond": "d", "star": "s", "hexagon": "h"}
 
 
-def cell_slots(screen: Screen, side: int) -> list[str]:
+def cell_slots(screen: Screen, side: int, nearest: bool = True) -> list[str]:
     """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row, as
-    ``CELL_SLOTS`` characters at fixed places: each glyph whose centre falls in the cell,
-    in the slot of its sub-cell (two rows of four); the centre, in the action grammar's
-    units, of a labelled panel whose centre falls in it (where to click it); and the
-    colour's initial and shape code of an icon centred in it. This is what
-    ``training.tower`` teaches each pooled image token to see: every slot depends on
-    pixels at a fixed place in the cell, which a patch tower learns quickly (whole strings
-    per cell were learnt at chance level)."""
+    ``CELL_SLOTS`` characters at fixed places. This is what ``training.tower`` teaches
+    each pooled image token to see:
+
+    - each glyph whose centre falls in the cell, in the slot of its sub-cell (two rows
+      of four): a slot depends on pixels at a fixed place, which a patch tower learns
+      quickly (whole strings per cell were learnt at chance level);
+    - the colour's initial and shape code of an icon centred in the cell;
+    - the centre, in the action grammar's units, and the label's first letters of the
+      labelled panel nearest the cell (the one it lies in, if any): where to click it and
+      what it is called, in the same token, and in every token near it. A click needs
+      both, and an LLM learns the lookup from many tokens that hold the key beside the
+      value far sooner than from one token per button (``bench/clicking.py``). With
+      ``nearest=False`` only the cell holding a panel's centre has its centre, and no
+      cell its label (the towers before 2026-12-06)."""
     cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]
 
     def cell(x: float, y: float, scale: float) -> tuple[list[str], float, float]:
@@ -168,16 +178,32 @@ def cell_slots(screen: Screen, side: int) -> list[str]:
     for ch, x, y in glyphs(screen, SIZE, SIZE):
         slots, fx, fy = cell(x, y, SIZE)
         slots[int(fy * GLYPH_ROWS) * GLYPH_COLUMNS + int(fx * GLYPH_COLUMNS)] = ch
-    for element in screen.elements:
-        match element:
-            case Panel(label=label) if label:
-                cx, cy = (min(v, 999) for v in _centre(element.box))
-                slots, _, _ = cell(cx, cy, 1000)
-                slots[CENTRE_SLOTS] = f"{cx:03d}{cy:03d}"
-            case Icon():
-                slots, _, _ = cell(*element.center, 1000)
-                slots[-2:] = COLOR_NAMES.get(element.fill, "?")[0], SHAPE_CODES[element.shape]
+    for icon in (e for e in screen.elements if isinstance(e, Icon)):
+        slots, _, _ = cell(*icon.center, 1000)
+        slots[ICON_SLOTS] = COLOR_NAMES.get(icon.fill, "?")[0], SHAPE_CODES[icon.shape]
+    panels = [e for e in screen.elements if isinstance(e, Panel) and e.label]
+    if not nearest:
+        for panel in panels:
+            slots, _, _ = cell(*_centre(panel.box), 1000)
+            slots[CENTRE_SLOTS] = _centre_code(panel)
+    elif panels:
+        for k, slots in enumerate(cells):
+            x, y = (k % side + 0.5) * 1000 / side, (k // side + 0.5) * 1000 / side
+            panel = min(panels, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
+            slots[CENTRE_SLOTS] = _centre_code(panel)
+            slots[LABEL_SLOTS] = panel.label[:4].ljust(4)
     return ["".join(slots) for slots in cells]
+
+
+def _centre_code(panel: Panel) -> str:
+    cx, cy = (min(v, 999) for v in _centre(panel.box))
+    return f"{cx:03d}{cy:03d}"
+
+
+def _distance(box: tuple[int, int, int, int], x: float, y: float) -> float:
+    """How far the point is from the box (0 inside)."""
+    x0, y0, x1, y1 = box
+    return math.hypot(max(x0 - x, 0, x - x1), max(y0 - y, 0, y - y1))
 
 
 def _draw(rng: random.Random, seed: int, k: int, weights: dict[str, float]) -> tuple[str, Episode]:
@@ -222,6 +248,29 @@ def questions(writer: Writer, n: int, seed: int, weights: dict[str, float], name
             t, (question, answer) = rng.choice(options)
             made += 1
             yield _qa(question, answer, [writer.image(ep.screens[t])])
+
+    return writer.write(name, records())
+
+
+def named_alone(ep: Episode) -> Screen:
+    """A ClickTarget episode's toolbar with only the button that its question names."""
+    screen = ep.screens[-1]
+    return replace(screen, elements=tuple(e for e in screen.elements if e.box == ep.target))
+
+
+def clicks(writer: Writer, n: int, seed: int, alone_share: float, name: str = "clicks") -> Path:
+    """``n`` ClickTarget toolbars, each asking for its named button, in ``<name>.jsonl``;
+    an ``alone_share`` of them show that button alone. With one button there is nothing
+    to choose, only a centre to copy, which every token near the button holds: the LLM
+    learns that copy first, and the choice by label among three after it
+    (``bench/clicking.py``)."""
+    rng = random.Random(seed)
+
+    def records() -> Iterator[dict]:
+        for k in range(n):
+            ep = episode("ClickTarget", data_seed(seed, k), difficulty="easy")
+            screen = named_alone(ep) if rng.random() < alone_share else ep.screens[0]
+            yield _qa(screen.instruction, format_action(ep.solution), [writer.image(screen)])
 
     return writer.write(name, records())
 

@@ -6,10 +6,11 @@ to read only very slowly: the LLM must first learn where to look, the tower what
 see. So the tower first learns to read on its own, densely, as a text-spotting model
 does: every pooled image token predicts what its cell of the screen shows, as a fixed
 row of slots (``training.synthetic.cell_slots``): each glyph in the slot of its place in
-the cell, the centre of a button centred there, an icon's colour and shape. A slot's
-answer depends on pixels at a fixed place, so one linear classifier per slot reads it
-off the token; targets that spell a whole element's text from any cell it touches stayed
-at chance level. The loss falls on every slot of every cell, with the slots that show
+the cell, an icon's colour and shape, and the label's first letters and the centre of
+the labelled panel nearest the cell. A glyph slot's answer depends on pixels at a fixed
+place, so one linear classifier per slot reads it off the token (targets that spell a
+whole element's text from any cell it touches stayed at chance level); the nearest
+panel's slots need the tower's attention across cells, as a detector's dense heads do. The loss falls on every slot of every cell, with the slots that show
 something weighted up, since most show nothing. The head is thrown away afterwards.
 
 Records are JSONL: ``{"image": path, "cells": ["Sign-in ...", ...]}``, one string of

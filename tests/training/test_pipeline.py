@@ -18,7 +18,7 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
     monkeypatch.setattr(synthetic, "episode", lambda task, seed, **kw: seeds.append(seed) or played(task, seed, **kw))
     manifest = run("smoke", tmp_path)
     assert seeds and max(seeds) < EVAL_SEED  # no synthetic screen is an evaluation episode's
-    assert list(manifest["stages"]) == ["tower", "align", "read", "single", "multi", "recall", "trajectory"]
+    assert list(manifest["stages"]) == ["tower", "align", "read", "click", "single", "multi", "recall", "trajectory"]
     for stage, values in manifest["stages"].items():
         assert values["last_loss"] < values["first_loss"], stage
     model = load_checkpoint(tmp_path / "model")
@@ -40,6 +40,21 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
 
 
+def test_a_toolbar_with_its_named_button_alone_keeps_that_button_and_the_question(tmp_path):
+    from envs.actions import Click, parse_action
+
+    for seed in range(10):
+        ep = synthetic.episode("ClickTarget", seed, difficulty="easy")
+        alone = synthetic.named_alone(ep)
+        (button,) = alone.elements
+        assert button.box == ep.target and f'"{button.label}"' in alone.instruction == ep.screens[0].instruction
+    path = synthetic.clicks(synthetic.Writer(tmp_path), 8, seed=3, alone_share=0.5)
+    for record in map(json.loads, path.read_text().splitlines()):
+        question, answer = (turn["value"] for turn in record["conversations"])
+        assert question.startswith("<image>\nClick the ") and isinstance(parse_action(answer), Click)
+        assert (tmp_path / record["image"][0]).is_file()
+
+
 @pytest.mark.skipif(not (WEIGHTS_DIR / "config.json").exists(), reason="the demo weights are not built")
 def test_the_shipped_model_is_small_loadable_and_documented():
     files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
@@ -56,9 +71,9 @@ def test_the_shipped_model_is_small_loadable_and_documented():
 def test_with_workers_each_stage_splits_its_steps_samples_and_keeps_their_number(tmp_path):
     """``--workers 2``: the same samples per optimizer step as one worker (so the same
     updates: tests/training/test_distributed.py), half of them on each Ray Train worker."""
-    files = {name: tmp_path / f"{name}.jsonl" for name in ("captions", "codes", "questions", "sequences", "recalls", "texts", "trajectories")}
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("captions", "codes", "questions", "sequences", "recalls", "clicks", "texts", "trajectories")}
     one, two = (stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=n) for n in (1, 2))
-    assert [c.num_workers for c in two] == [2] * 6
+    assert [c.num_workers for c in two] == [2] * 7
     assert [c.samples_per_step for c in two] == [c.samples_per_step for c in one] == list(PRESETS["demo"].batch.values())
     assert [c.batch_size for c in two] == [c.batch_size // 2 for c in one]
     with pytest.raises(ValueError, match="do not divide over 3 workers"):

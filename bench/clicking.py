@@ -1,0 +1,191 @@
+"""Can the LLM learn to click from image tokens that say what they show? ClickTarget alone:
+
+    python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre nearest] [--alone-steps 250]
+        [--question-first] [--echo] [--attn-offset 4] [--lr 2e-3] [--out docs/bench/clicking.json]
+
+ClickTarget ends in a copy from a place that varies: the centre of the button whose label
+the question names. The demo model never learnt it, so this bench takes the vision tower
+out of the question. Each pooled image token is what a perfect tower would make of its
+cell: a fixed random code per (slot, character) of the cell's slot string, summed, as a
+frozen tower whose slots a linear probe reads (``training.tower``). The projector and the
+LLM (the embedded config, from a seeded start) then learn the click questions of the
+single-image stage ('<image> Click the "Save" button.' -> 'click(x, y)') with the
+Trainer's optimiser settings, and are scored on held-out toolbars by whether the greedy
+click hits the named button.
+
+The tower's slot design varies (``training.synthetic.cell_slots``):
+
+- ``centre``: a button's label glyphs where they fall, and its centre in the one cell
+  that holds the centre (the demo towers before 2026-12-06);
+- ``nearest``: every cell also carries the label's first letters and the centre of the
+  labelled panel nearest to it (inside it, for the cells it covers), so the key (the
+  label) and the value (the centre) sit in the same tokens, and in many of them.
+
+So does the recipe: ``--alone-steps`` first shows the named button alone (a copy with
+nothing to choose), ``--question-first`` puts the question before the image, ``--echo``
+has the answer name the button before it clicks, and ``--attn-offset`` moves the LLM's
+one attention layer (the embedded config's is at layer 1; Jamba's at 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.copying import learning, over_seeds
+from envs.actions import Click, parse_action
+from envs.render import hits
+from model.default import DEFAULT_CONFIG
+from model.longllava import LongLLaVA
+from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, user_turn
+from model.tokenizer import ByteTokenizer, tokenize_prompt
+from training.synthetic import CELL_SLOTS, EVAL_SEED, SIZE, cell_slots, data_seed, episode, named_alone
+
+LEARNED = 0.3  # nats per answer token; the plateau is about 0.78 (the digits guessed)
+BATCH, WARMUP = 16, 30
+TOKENIZER = ByteTokenizer()
+SIDE = 6  # the embedded model's 36 pooled tokens
+
+
+@dataclass(frozen=True)
+class Recipe:
+    design: str = "nearest"
+    alone_steps: int = 0  # first steps with only the named button on the toolbar
+    question_first: bool = False  # the question, then the image
+    echo: bool = False  # the answer names the button before it clicks: 'Save: click(x, y)'
+    attn_offset: int = DEFAULT_CONFIG.attn_layer_offset
+    lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class Toolbar:
+    cells: list[str]  # what each pooled token shows
+    question: str
+    answer: str
+    target: tuple[int, int, int, int]
+
+
+def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
+    """A ClickTarget easy episode as the recipe presents it; ``alone`` keeps only the named button."""
+    ep = episode("ClickTarget", seed, difficulty="easy")
+    screen = named_alone(ep) if alone else ep.screens[0]
+    answer = f"click({ep.solution.x}, {ep.solution.y})"
+    if recipe.echo:
+        answer = f"{screen.instruction.split(chr(34))[1]}: {answer}"
+    return Toolbar(cell_slots(screen, SIDE, recipe.design == "nearest"), screen.instruction, answer, ep.target)
+
+
+class IdealTower(nn.Module):
+    """Slot strings to ``[cells, mm_hidden]`` features through a fixed random code."""
+
+    def __init__(self, slots: int, width: int, seed: int = 1234):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("code", torch.randn(slots, TOKENIZER.vocab_size, width, generator=g) / slots**0.5)
+
+    def forward(self, cells: list[str]) -> torch.Tensor:
+        ids = torch.tensor([TOKENIZER.encode(c) for c in cells])  # [cells, slots]
+        return self.code[torch.arange(ids.shape[1]), ids].sum(1)
+
+
+def prompt_embeds(model: LongLLaVA, tower: IdealTower, bar: Toolbar, recipe: Recipe) -> torch.Tensor:
+    text = f"{bar.question}\n{IMAGE_MARKUP}" if recipe.question_first else f"{IMAGE_MARKUP}\n{bar.question}"
+    ids = tokenize_prompt(TOKENIZER, user_turn(text) + ASSISTANT_PREFIX)
+    return model.embed(ids, model.projector(tower(bar.cells))[None])
+
+
+def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BATCH`` training toolbars (seeds below ``EVAL_SEED``), right-padded: embeddings and labels."""
+    rows = []
+    for _ in range(BATCH):
+        bar = toolbar(data_seed(9, rng.randrange(50_000)), recipe, alone)
+        answer = tokenize_prompt(TOKENIZER, bar.answer + EOS_TOKEN)
+        prompt = prompt_embeds(model, tower, bar, recipe)
+        rows.append((torch.cat([prompt, model.llm.embed_tokens(torch.tensor(answer))]), prompt.shape[0], answer))
+    width = max(e.shape[0] for e, _, _ in rows)
+    embeds = torch.stack([F.pad(e, (0, 0, 0, width - e.shape[0])) for e, _, _ in rows])
+    labels = torch.full((BATCH, width), -100)
+    for i, (_, start, answer) in enumerate(rows):
+        labels[i, start - 1 : start - 1 + len(answer)] = torch.tensor(answer)  # position t predicts t + 1
+    return embeds, labels
+
+
+@torch.no_grad()
+def hit_rate(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 60) -> float:
+    """Greedy answers on ``n`` held-out toolbars: the share whose click hits the named button."""
+    hit = 0
+    for k in range(n):
+        bar = toolbar(EVAL_SEED + 500 + k, recipe)
+        embeds, out = prompt_embeds(model, tower, bar, recipe), []
+        for _ in range(32):
+            out.append(int(model.llm.head(model.llm.forward_batch(embeds[None]))[0, -1].argmax()))
+            if out[-1] == DEFAULT_CONFIG.eos_token_id:
+                break
+            embeds = torch.cat([embeds, model.llm.embed_tokens(torch.tensor(out[-1:]))])
+        action = parse_action(TOKENIZER.decode(out, skip_special=True).split(": ")[-1])
+        hit += isinstance(action, Click) and hits(bar.target, action, SIZE, SIZE)
+    return hit / n
+
+
+def train(recipe: Recipe, steps: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = LongLLaVA(DEFAULT_CONFIG.model_copy(update={"attn_layer_offset": recipe.attn_offset}))
+    tower = IdealTower(CELL_SLOTS, DEFAULT_CONFIG.mm_hidden_size)
+    params = [*model.projector.parameters(), *model.llm.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr)
+    rng, losses, began = random.Random(seed), [], time.perf_counter()
+    for step in range(1, steps + 1):
+        optimizer.param_groups[0]["lr"] = recipe.lr * min(1.0, step / WARMUP)
+        embeds, labels = batch(model, tower, rng, recipe, step <= recipe.alone_steps)
+        logits = model.llm.head(model.llm.forward_batch(embeds))
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            print(f"{recipe} seed {seed} step {step}: loss {statistics.fmean(losses[-50:]):.3f}", flush=True)
+    learned, final = learning(losses, LEARNED)
+    return {**asdict(recipe), "seed": seed, "steps": steps, "seconds": round(time.perf_counter() - began, 1),
+            "learned_at": learned, "final_loss": final, "hit_rate": hit_rate(model.eval(), tower, recipe),
+            "losses": [round(v, 4) for v in losses]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.clicking", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--designs", nargs="+", choices=["centre", "nearest"], default=["centre", "nearest"])
+    parser.add_argument("--alone-steps", type=int, default=0, help="first steps with only the named button shown")
+    parser.add_argument("--question-first", action="store_true")
+    parser.add_argument("--echo", action="store_true")
+    parser.add_argument("--attn-offset", type=int, default=DEFAULT_CONFIG.attn_layer_offset)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.attn_offset, args.lr)
+               for design in args.designs]
+    rows = [train(recipe, args.steps, seed) for recipe in recipes for seed in args.seeds]
+    print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit (median) |")
+    print("|---|---|---|---|---|")
+    for recipe in recipes:
+        runs = [r for r in rows if r["design"] == recipe.design]
+        print(f"| {recipe} | {over_seeds(runs)} | {statistics.median(r['hit_rate'] for r in runs):.0%} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
