@@ -13,8 +13,9 @@ from model.default import DEFAULT_CONFIG
 from model.prompt import Image, Text, render_pieces, user_message
 from model.tokenizer import ByteTokenizer, tokenize_prompt
 
-TINY = DEFAULT_CONFIG.model_copy(
-    update=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=9, num_attention_heads=4, mamba_dt_rank=8)
+TINY = DEFAULT_CONFIG.model_copy(  # attention at layer 4, as in LongLLaVA-9B's files
+    update=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=9, num_attention_heads=4, mamba_dt_rank=8,
+                attn_layer_offset=4)
 )
 
 
