@@ -1,6 +1,6 @@
 """Can the LLM learn to click from image tokens that say what they show? ClickTarget alone:
 
-    python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre nearest] [--alone-steps 250]
+    python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
         [--question-first] [--echo] [--attn-offset 4] [--lr 2e-3] [--out docs/bench/clicking.json]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
@@ -19,7 +19,9 @@ The tower's slot design varies (``training.synthetic.cell_slots``):
   that holds the centre (the demo towers before 2026-12-06);
 - ``nearest``: every cell also carries the label's first letters and the centre of the
   labelled panel nearest to it (inside it, for the cells it covers), so the key (the
-  label) and the value (the centre) sit in the same tokens, and in many of them.
+  label) and the value (the centre) sit in the same tokens, and in many of them;
+- ``near``: the same in the cells within about half a cell of a panel only (the tower
+  since 2026-12-06, session 17).
 
 So does the recipe: ``--alone-steps`` first shows the named button alone (a copy with
 nothing to choose), ``--question-first`` puts the question before the image, ``--echo``
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -48,12 +51,13 @@ from model.default import DEFAULT_CONFIG
 from model.longllava import LongLLaVA
 from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, user_turn
 from model.tokenizer import ByteTokenizer, tokenize_prompt
-from training.synthetic import CELL_SLOTS, EVAL_SEED, SIZE, cell_slots, data_seed, episode, named_alone
+from training.synthetic import CELL_SLOTS, EVAL_SEED, LABEL_REACH, SIZE, cell_slots, data_seed, episode, named_alone
 
 LEARNED = 0.3  # nats per answer token; the plateau is about 0.78 (the digits guessed)
 BATCH, WARMUP = 16, 30
 TOKENIZER = ByteTokenizer()
 SIDE = 6  # the embedded model's 36 pooled tokens
+DESIGNS = {"centre": None, "near": LABEL_REACH, "nearest": math.inf}  # -> cell_slots's reach
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
     answer = f"click({ep.solution.x}, {ep.solution.y})"
     if recipe.echo:
         answer = f"{screen.instruction.split(chr(34))[1]}: {answer}"
-    return Toolbar(cell_slots(screen, SIDE, recipe.design == "nearest"), screen.instruction, answer, ep.target)
+    return Toolbar(cell_slots(screen, SIDE, DESIGNS[recipe.design]), screen.instruction, answer, ep.target)
 
 
 class IdealTower(nn.Module):
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.clicking", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--designs", nargs="+", choices=["centre", "nearest"], default=["centre", "nearest"])
+    parser.add_argument("--designs", nargs="+", choices=list(DESIGNS), default=list(DESIGNS))
     parser.add_argument("--alone-steps", type=int, default=0, help="first steps with only the named button shown")
     parser.add_argument("--question-first", action="store_true")
     parser.add_argument("--echo", action="store_true")

@@ -5,7 +5,8 @@
 1. **The tower's tokens.** A linear ``training.tower.SlotHead`` is fitted on the frozen
    tower's pooled tokens of training-seed screens (access codes and toolbars), then
    scores held-out ones: glyph slots right, access codes read whole, button-centre digits
-   right, the nearest panel's label letters right. This says whether the text is in the
+   right, the nearest panel's label letters right, and the glyph and label slots of the
+   toolbars alone (white button text on colour). This says whether the text is in the
    image tokens at all. It also counts the codes' layouts (which glyph slots they fill):
    one, since the code panel is monospace.
 2. **The whole model.** Single-screen questions in the training format (an access code,
@@ -78,14 +79,23 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
         right = head(x_test).argmax(-1) == y_test
     shows = y_test != empty
     shown = [i for i, task in enumerate(tasks) if task == "RecallCode"]
+    toolbars = [i for i, task in enumerate(tasks) if task == "ClickTarget"]
     codes = [bool(right[i, CODE_ROW, :GLYPH_SLOTS].all()) for i in shown]
     layouts = {tuple(shows[i, CODE_ROW, :GLYPH_SLOTS].flatten().tolist()) for i in shown}
+
+    def share(slots: slice, screens: list[int] | slice = slice(None)) -> float:
+        """Of the slots that show something on these screens, the share read right."""
+        hit, show = right[screens][..., slots], shows[screens][..., slots]
+        return (hit & show).sum().item() / max(1, show.sum().item())
+
     return {
         "code_layouts": len(layouts),
-        "glyph_slots": (right & shows)[..., :GLYPH_SLOTS].sum().item() / shows[..., :GLYPH_SLOTS].sum().item(),
+        "glyph_slots": share(slice(0, GLYPH_SLOTS)),
         "codes_whole": sum(codes) / len(codes),
-        "centre_digits": (right & shows)[..., CENTRE_SLOTS].sum().item() / shows[..., CENTRE_SLOTS].sum().item(),
-        "label_letters": (right & shows)[..., LABEL_SLOTS].sum().item() / max(1, shows[..., LABEL_SLOTS].sum().item()),
+        "centre_digits": share(CENTRE_SLOTS),
+        "label_letters": share(LABEL_SLOTS),
+        "toolbar_glyphs": share(slice(0, GLYPH_SLOTS), toolbars),
+        "toolbar_labels": share(LABEL_SLOTS, toolbars),
     }
 
 
@@ -129,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.questions:
         result |= probe_answers(model, args.questions)
     columns = {"code_layouts": "code layouts (slots used)", "glyph_slots": "glyph slots (linear probe)", "codes_whole": "codes whole (probe)",
-               "centre_digits": "centre digits (probe)", "label_letters": "nearest label's letters (probe)", "codes_answered": "codes answered", "clicks_hit": "clicks hit"}
+               "centre_digits": "centre digits (probe)", "label_letters": "nearest label's letters (probe)",
+               "toolbar_glyphs": "glyph slots, toolbars only", "toolbar_labels": "label letters, toolbars only", "codes_answered": "codes answered", "clicks_hit": "clicks hit"}
     print("| " + " | ".join(columns[k] for k in result) + " |")
     print("|" + "---|" * len(result))
     print("| " + " | ".join(f"{v}" if isinstance(v, int) else f"{v:.0%}" for v in result.values()) + " |")

@@ -153,7 +153,10 @@ EMPTY = " "  # a slot that shows nothing (spaces are never a glyph)
 SHAPE_CODES = {"circle": "c", "square": "q", "triangle": "t", "diamond": "d", "star": "s", "hexagon": "h"}
 
 
-def cell_slots(screen: Screen, side: int, nearest: bool = True) -> list[str]:
+LABEL_REACH = 84  # action-grammar units: about half a cell of the 6 x 6 grid
+
+
+def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> list[str]:
     """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row, as
     ``CELL_SLOTS`` characters at fixed places. This is what ``training.tower`` teaches
     each pooled image token to see:
@@ -163,12 +166,14 @@ def cell_slots(screen: Screen, side: int, nearest: bool = True) -> list[str]:
       quickly (whole strings per cell were learnt at chance level);
     - the colour's initial and shape code of an icon centred in the cell;
     - the centre, in the action grammar's units, and the label's first letters of the
-      labelled panel nearest the cell (the one it lies in, if any): where to click it and
-      what it is called, in the same token, and in every token near it. A click needs
-      both, and an LLM learns the lookup from many tokens that hold the key beside the
-      value far sooner than from one token per button (``bench/clicking.py``). With
-      ``nearest=False`` only the cell holding a panel's centre has its centre, and no
-      cell its label (the towers before 2026-12-06)."""
+      labelled panel nearest the cell, if it lies within ``reach`` of one (the one it lies
+      in, if any): where to click it and what it is called, in the same token, and in
+      every token near it. A click needs both, and an LLM learns the lookup from tokens
+      that hold the key beside the value far sooner than from one token per button
+      (``bench/clicking.py``). ``reach=math.inf`` names a panel in every cell (the tower
+      of 2026-12-06, which learnt far cells no better than near ones); ``reach=None``
+      puts a panel's centre only in the cell that holds it, and no label (the towers
+      before)."""
     cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]
 
     def cell(x: float, y: float, scale: float) -> tuple[list[str], float, float]:
@@ -182,14 +187,16 @@ def cell_slots(screen: Screen, side: int, nearest: bool = True) -> list[str]:
         slots, _, _ = cell(*icon.center, 1000)
         slots[ICON_SLOTS] = COLOR_NAMES.get(icon.fill, "?")[0], SHAPE_CODES[icon.shape]
     panels = [e for e in screen.elements if isinstance(e, Panel) and e.label]
-    if not nearest:
+    if reach is None:
         for panel in panels:
             slots, _, _ = cell(*_centre(panel.box), 1000)
             slots[CENTRE_SLOTS] = _centre_code(panel)
-    elif panels:
-        for k, slots in enumerate(cells):
-            x, y = (k % side + 0.5) * 1000 / side, (k // side + 0.5) * 1000 / side
-            panel = min(panels, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
+        return ["".join(slots) for slots in cells]
+    for k, slots in enumerate(cells):
+        x, y = (k % side + 0.5) * 1000 / side, (k // side + 0.5) * 1000 / side
+        near = [p for p in panels if _distance(p.box, x, y) < reach]
+        if near:
+            panel = min(near, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
             slots[CENTRE_SLOTS] = _centre_code(panel)
             slots[LABEL_SLOTS] = panel.label[:4].ljust(4)
     return ["".join(slots) for slots in cells]

@@ -60,20 +60,21 @@ def test_cell_slots_spell_the_code_in_reading_order_and_mark_where_to_click():
         row = "".join(cell[:8] for cell in cells[18:24])  # the code's row, glyph slots only
         assert row.replace(EMPTY, "").endswith(code) or code in row.replace(EMPTY, "")
     for screen in screens("ClickTarget", range(5)):
-        cells = cell_slots(screen, 6, nearest=False)
+        cells = cell_slots(screen, 6, reach=None)
         centres = sorted(cell[8:14] for cell in cells if cell[8:14].strip())
         buttons = sorted(f"{(b[0] + b[2]) // 2:03d}{(b[1] + b[3]) // 2:03d}" for b in (e.box for e in screen.elements))
         assert centres == buttons
 
 
-def test_every_cell_names_the_nearest_button_and_where_to_click_it():
+def test_the_cells_near_a_button_name_it_and_where_to_click_it():
     """The key (a label's first letters) and the value (its centre) sit in one token, and
-    every token a button covers holds them: they are that button's, not a neighbour's."""
-    from training.synthetic import CENTRE_SLOTS, LABEL_SLOTS, cell_slots
+    every token a button covers holds them: they are that button's, not a neighbour's.
+    Cells far from every button name none."""
+    from training.synthetic import CENTRE_SLOTS, LABEL_REACH, LABEL_SLOTS, cell_slots
 
     for screen in screens("ClickTarget", range(10)):
         cells = cell_slots(screen, 6)
-        named = {cell[LABEL_SLOTS].strip(): cell[CENTRE_SLOTS] for cell in cells}
+        named = {cell[LABEL_SLOTS].strip(): cell[CENTRE_SLOTS] for cell in cells if cell[LABEL_SLOTS].strip()}
         buttons = {e.label[:4]: f"{(e.box[0] + e.box[2]) // 2:03d}{(e.box[1] + e.box[3]) // 2:03d}" for e in screen.elements}
         assert named == buttons  # each button in some cell, with its own centre, and nothing else
         for k, cell in enumerate(cells):
@@ -81,6 +82,10 @@ def test_every_cell_names_the_nearest_button_and_where_to_click_it():
             covering = [e for e in screen.elements if e.box[0] <= x <= e.box[2] and e.box[1] <= y <= e.box[3]]
             if covering:
                 assert cell[LABEL_SLOTS].strip() == covering[0].label[:4]
+            gaps = [max(e.box[0] - x, 0, x - e.box[2], e.box[1] - y, 0, y - e.box[3]) for e in screen.elements]
+            if min(gaps) >= LABEL_REACH:  # farther than the reach along one axis at least
+                assert not cell[LABEL_SLOTS].strip() and not cell[CENTRE_SLOTS].strip()
+        assert any(not cell[LABEL_SLOTS].strip() for cell in cells)
 
 
 @pytest.mark.parametrize("difficulty", ["easy", "hard"])
