@@ -72,9 +72,6 @@ log = logging.getLogger(__name__)
 
 PERCEPTION = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.3, "OrderEvents": 0.3, "NeedleFrame": 0.3}
 READING = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.15, "OrderEvents": 0.15, "NeedleFrame": 0.15}
-# the tower's screens, toolbars weighted up: within READING's mix (41% toolbars) the tower
-# read a fifth of a button's white label letters, on toolbars alone three quarters
-TOWER_SCREENS = {**READING, "ClickTarget": 3.0}
 CLICK_ALONE_SHARE = 0.3  # of the ``click`` run's toolbars, those that show the named button alone
 SEQUENCE = {"RecallCode": 1.0, "ClickTarget": 0.5, "OrderEvents": 0.3, "CountEvents": 0.3, "NeedleFrame": 0.3}
 
@@ -147,7 +144,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     writer = synthetic.Writer(root / "screens")
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
     files = {
-        "screens": synthetic.screens(writer, preset.screens, seed + 1, TOWER_SCREENS, side),
+        "screens": synthetic.screens(writer, preset.screens, seed + 1, READING, side),
         "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
         "questions": synthetic.questions(writer, preset.questions, seed + 3, READING),
         "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),

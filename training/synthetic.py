@@ -153,10 +153,10 @@ EMPTY = " "  # a slot that shows nothing (spaces are never a glyph)
 SHAPE_CODES = {"circle": "c", "square": "q", "triangle": "t", "diamond": "d", "star": "s", "hexagon": "h"}
 
 
-LABEL_REACH = 84  # action-grammar units: about half a cell of the 6 x 6 grid
+LABEL_REACH = 84  # action-grammar units: about half a cell of the 6 x 6 grid (``bench/clicking.py``)
 
 
-def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> list[str]:
+def cell_slots(screen: Screen, side: int, reach: float | None = math.inf) -> list[str]:
     """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row, as
     ``CELL_SLOTS`` characters at fixed places. This is what ``training.tower`` teaches
     each pooled image token to see:
@@ -166,14 +166,13 @@ def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> 
       quickly (whole strings per cell were learnt at chance level);
     - the colour's initial and shape code of an icon centred in the cell;
     - the centre, in the action grammar's units, and the label's first letters of the
-      labelled panel nearest the cell, if it lies within ``reach`` of one (the one it lies
-      in, if any): where to click it and what it is called, in the same token, and in
-      every token near it. A click needs both, and an LLM learns the lookup from tokens
-      that hold the key beside the value far sooner than from one token per button
-      (``bench/clicking.py``). ``reach=math.inf`` names a panel in every cell (the tower
-      of 2026-12-06, which learnt far cells no better than near ones); ``reach=None``
-      puts a panel's centre only in the cell that holds it, and no label (the towers
-      before)."""
+      labelled panel nearest the cell (the one it lies in, if any), if it lies within
+      ``reach`` of one: where to click it and what it is called, in the same token, and
+      in every token near it. A click needs both, and an LLM learns the lookup from
+      tokens that hold the key beside the value far sooner than from one token per
+      button (``bench/clicking.py``). ``reach=LABEL_REACH`` names a panel only in the
+      cells near it; ``reach=None`` puts a panel's centre only in the cell that holds
+      it, and no label (the towers before 2026-12-06)."""
     cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]
 
     def cell(x: float, y: float, scale: float) -> tuple[list[str], float, float]:

@@ -1,6 +1,8 @@
 """``envs.render.glyphs``, the ground truth a tower learns to read from, checked against
 the pixels ``render`` draws; and ``training.synthetic.cell_slots`` built on it."""
 
+import math
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -66,14 +68,15 @@ def test_cell_slots_spell_the_code_in_reading_order_and_mark_where_to_click():
         assert centres == buttons
 
 
-def test_the_cells_near_a_button_name_it_and_where_to_click_it():
+@pytest.mark.parametrize("near", [False, True], ids=["every cell", "cells near a button"])
+def test_cells_name_the_nearest_button_and_where_to_click_it(near):
     """The key (a label's first letters) and the value (its centre) sit in one token, and
     every token a button covers holds them: they are that button's, not a neighbour's.
-    Cells far from every button name none."""
+    With a reach, cells far from every button name none; without, every cell names one."""
     from training.synthetic import CENTRE_SLOTS, LABEL_REACH, LABEL_SLOTS, cell_slots
 
     for screen in screens("ClickTarget", range(10)):
-        cells = cell_slots(screen, 6)
+        cells = cell_slots(screen, 6, LABEL_REACH if near else math.inf)
         named = {cell[LABEL_SLOTS].strip(): cell[CENTRE_SLOTS] for cell in cells if cell[LABEL_SLOTS].strip()}
         buttons = {e.label[:4]: f"{(e.box[0] + e.box[2]) // 2:03d}{(e.box[1] + e.box[3]) // 2:03d}" for e in screen.elements}
         assert named == buttons  # each button in some cell, with its own centre, and nothing else
@@ -83,9 +86,9 @@ def test_the_cells_near_a_button_name_it_and_where_to_click_it():
             if covering:
                 assert cell[LABEL_SLOTS].strip() == covering[0].label[:4]
             gaps = [max(e.box[0] - x, 0, x - e.box[2], e.box[1] - y, 0, y - e.box[3]) for e in screen.elements]
-            if min(gaps) >= LABEL_REACH:  # farther than the reach along one axis at least
+            if near and min(gaps) >= LABEL_REACH:  # farther than the reach along one axis at least
                 assert not cell[LABEL_SLOTS].strip() and not cell[CENTRE_SLOTS].strip()
-        assert any(not cell[LABEL_SLOTS].strip() for cell in cells)
+        assert any(not cell[LABEL_SLOTS].strip() for cell in cells) == near
 
 
 @pytest.mark.parametrize("difficulty", ["easy", "hard"])
