@@ -98,6 +98,8 @@ class Preset:
     clicks: int  # toolbars asking for a named button, for the ``click`` run
     texts: int
     trajectories: tuple[Episodes, ...]
+    toolbars: int  # toolbar screens, which the tower learns to read first
+    tower_toolbar_steps: int  # tower steps on those toolbars alone, before ``tower_steps`` on ``screens``
     tower_steps: int
     tower_lr: float
     steps: dict[str, int]  # run -> optimizer steps
@@ -116,7 +118,7 @@ PRESETS = {
     "smoke": Preset(
         architecture=TINY_ARCH, screens=64, captions=48, codes=32, questions=48, sequences=24, recalls=16,
         clicks=16, texts=16, trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
-        tower_steps=20, tower_lr=3e-3,
+        toolbars=16, tower_toolbar_steps=10, tower_steps=20, tower_lr=3e-3,
         steps={"align": 12, "read": 8, "click": 8, "single": 30, "multi": 10, "recall": 8, "trajectory": 20},
         batch={"align": 8, "read": 8, "click": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 4}, lr=3e-3,
     ),
@@ -127,8 +129,8 @@ PRESETS = {
             Episodes("RecallCode", 500, (1, 2, 4, 8, 16)), Episodes("ClickTarget", 400, (0,)),
             Episodes("OrderEvents", 48, (4,)), Episodes("CountEvents", 48, (4,)), Episodes("NeedleFrame", 48, (6,)),
         ),
-        tower_steps=1400, tower_lr=3e-3,
-        steps={"align": 40, "read": 700, "click": 700, "single": 150, "multi": 60, "recall": 300, "trajectory": 350},
+        toolbars=6000, tower_toolbar_steps=1400, tower_steps=700, tower_lr=3e-3,
+        steps={"align": 40, "read": 700, "click": 700, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
         batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
@@ -139,12 +141,13 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``. Data that an
     interrupted run finished (the trajectories are written last) is kept."""
     if (root / "trajectories.jsonl").exists():
-        names = ("screens", "captions", "codes", "questions", "sequences", "texts", "recalls", "clicks")
+        names = ("screens", "toolbars", "captions", "codes", "questions", "sequences", "texts", "recalls", "clicks")
         return {**{name: root / "screens" / f"{name}.jsonl" for name in names}, "trajectories": root / "trajectories.jsonl"}
     writer = synthetic.Writer(root / "screens")
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
     files = {
         "screens": synthetic.screens(writer, preset.screens, seed + 1, READING, side),
+        "toolbars": synthetic.screens(writer, preset.toolbars, seed + 9, {"ClickTarget": 1.0}, side, "toolbars"),
         "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
         "questions": synthetic.questions(writer, preset.questions, seed + 3, READING),
         "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),
@@ -185,16 +188,20 @@ def data_hash(files: dict[str, Path]) -> str:
 
 
 # ----------------------------------------------------------------------------- stages
-def tower(preset: Preset, screens: Path, run: Path, seed: int) -> tuple[float, float]:
+def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple[float, float]:
     """The seeded model with its tower pretrained, in ``run/model`` (kept when an
-    interrupted run finished it); returns the first loss and the mean of the last five."""
+    interrupted run finished it); returns the first loss and the mean of the last five.
+    The tower reads toolbars first, alone: beside the other screens it never learnt to
+    read the white labels on coloured buttons, and once learnt the mix keeps them
+    (docs/benchmarks.md)."""
     if not (run / "model" / "config.json").exists():
         architecture = LongLLaVAConfig.model_validate(preset.architecture)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LongLLaVA(architecture)
         run.mkdir(parents=True, exist_ok=True)
-        pretrain_tower(model, screens, preset.tower_steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl")
+        for screens, steps in ((files["toolbars"], preset.tower_toolbar_steps), (files["screens"], preset.tower_steps)):
+            pretrain_tower(model, screens, steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl")
         save_checkpoint(model, run / "model")
     curve = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     return curve[0], sum(curve[-5:]) / 5
@@ -264,7 +271,7 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
     done("data", tick)
 
     tick = time.perf_counter()
-    losses["tower"] = tower(preset, files["screens"], runs / "tower", seed)
+    losses["tower"] = tower(preset, files, runs / "tower", seed)
     done("tower", tick)
 
     for config in stage_configs(preset, files, runs, seed, workers):

@@ -226,11 +226,12 @@ def _screens(seed: int, n: int, weights: dict[str, float], first_share: float = 
         yield ep.screens[0 if rng.random() < first_share else rng.randrange(len(ep.screens))]
 
 
-def screens(writer: Writer, n: int, seed: int, weights: dict[str, float], side: int) -> Path:
+def screens(writer: Writer, n: int, seed: int, weights: dict[str, float], side: int, name: str = "screens") -> Path:
     """``n`` screens with what each cell of a ``side`` x ``side`` grid shows, for
-    ``training.tower``; 60% are first screens, which show what the tasks ask about."""
+    ``training.tower``, in ``<name>.jsonl``; 60% are first screens, which show what the
+    tasks ask about."""
     records = ({"image": writer.image(s), "cells": cell_slots(s, side)} for s in _screens(seed, n, weights, 0.6))
-    return writer.write("screens", records)
+    return writer.write(name, records)
 
 
 def captions(writer: Writer, n: int, seed: int, weights: dict[str, float]) -> Path:

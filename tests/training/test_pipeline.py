@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from envs.tasks.click_target import LABELS
 from model.checkpoint import load_checkpoint
 from model.default import DEFAULT_CONFIG, WEIGHTS_DIR, default_model
 from training import synthetic
@@ -21,6 +22,11 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
     assert list(manifest["stages"]) == ["tower", "align", "read", "click", "single", "multi", "recall", "trajectory"]
     for stage, values in manifest["stages"].items():
         assert values["last_loss"] < values["first_loss"], stage
+    tower_steps = (tmp_path / "runs" / "tower" / "metrics.jsonl").read_text().splitlines()
+    assert len(tower_steps) == PRESETS["smoke"].tower_toolbar_steps + PRESETS["smoke"].tower_steps  # toolbars, then the mix
+    buttons = {label[:4].ljust(4) for label in LABELS}
+    for line in (tmp_path / "data" / "screens" / "toolbars.jsonl").read_text().splitlines():
+        assert all(cell[synthetic.LABEL_SLOTS] in buttons for cell in json.loads(line)["cells"])  # every cell names a button
     model = load_checkpoint(tmp_path / "model")
     assert all(p.dtype == torch.float16 for p in model.parameters())  # shipped in half precision
     written = json.loads((tmp_path / "model" / "manifest.json").read_text())
