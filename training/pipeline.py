@@ -6,7 +6,8 @@
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
    rollouts recorded by ``envs.rollout`` and converted by ``training.trajectories``;
 2. the vision tower, pretrained to read what each pooled cell of a screen shows
-   (``training.tower``): it stands in for CLIP, which no package ships;
+   (``training.tower``), on toolbars alone first, then on every screen kind: it stands
+   in for CLIP, which no package ships;
 3. stage 1 (align, captions), stage 2 (single-screen questions), stage 3 (multi-screen
    and video questions, tiled screens, replay of stage 2 and text data) and trajectory
    fine-tuning, each a ``Trainer`` run starting from the one before, with LongLLaVA's
@@ -129,7 +130,7 @@ PRESETS = {
             Episodes("RecallCode", 500, (1, 2, 4, 8, 16)), Episodes("ClickTarget", 400, (0,)),
             Episodes("OrderEvents", 48, (4,)), Episodes("CountEvents", 48, (4,)), Episodes("NeedleFrame", 48, (6,)),
         ),
-        toolbars=6000, tower_toolbar_steps=1400, tower_steps=700, tower_lr=3e-3,
+        toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
         steps={"align": 40, "read": 700, "click": 700, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
         batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
     ),

@@ -156,7 +156,7 @@ SHAPE_CODES = {"circle": "c", "square": "q", "triangle": "t", "diamond": "d", "s
 LABEL_REACH = 84  # action-grammar units: about half a cell of the 6 x 6 grid (``bench/clicking.py``)
 
 
-def cell_slots(screen: Screen, side: int, reach: float | None = math.inf) -> list[str]:
+def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> list[str]:
     """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row, as
     ``CELL_SLOTS`` characters at fixed places. This is what ``training.tower`` teaches
     each pooled image token to see:
@@ -165,14 +165,17 @@ def cell_slots(screen: Screen, side: int, reach: float | None = math.inf) -> lis
       of four): a slot depends on pixels at a fixed place, which a patch tower learns
       quickly (whole strings per cell were learnt at chance level);
     - the colour's initial and shape code of an icon centred in the cell;
-    - the centre, in the action grammar's units, and the label's first letters of the
-      labelled panel nearest the cell (the one it lies in, if any), if it lies within
-      ``reach`` of one: where to click it and what it is called, in the same token, and
-      in every token near it. A click needs both, and an LLM learns the lookup from
-      tokens that hold the key beside the value far sooner than from one token per
-      button (``bench/clicking.py``). ``reach=LABEL_REACH`` names a panel only in the
-      cells near it; ``reach=None`` puts a panel's centre only in the cell that holds
-      it, and no label (the towers before 2026-12-06)."""
+    - the centre, in the action grammar's units, of the labelled panel nearest the cell
+      (the one it lies in, if any), and that panel's label's first letters if the cell
+      lies within ``reach`` of it or it is the screen's only one: where to click it and
+      what it is called, in the same token. A click needs both, and an LLM learns the lookup from tokens that hold the
+      key beside the value far sooner than from one token per button, and the copy of
+      a lone button's centre soonest when every token holds it (``bench/clicking.py``).
+      The default names one of several panels within about half a cell: a tower
+      learns to read a button's label there, but not when every cell of a toolbar
+      must name its nearest (docs/benchmarks.md). ``reach=math.inf`` names it in every cell (the weights of
+      2026-12-06); ``reach=None`` puts a panel's centre only in the cell that holds it,
+      and no label (the towers before)."""
     cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]
 
     def cell(x: float, y: float, scale: float) -> tuple[list[str], float, float]:
@@ -193,11 +196,11 @@ def cell_slots(screen: Screen, side: int, reach: float | None = math.inf) -> lis
         return ["".join(slots) for slots in cells]
     for k, slots in enumerate(cells):
         x, y = (k % side + 0.5) * 1000 / side, (k // side + 0.5) * 1000 / side
-        near = [p for p in panels if _distance(p.box, x, y) < reach]
-        if near:
-            panel = min(near, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
+        if panels:
+            panel = min(panels, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
             slots[CENTRE_SLOTS] = _centre_code(panel)
-            slots[LABEL_SLOTS] = panel.label[:4].ljust(4)
+            if len(panels) == 1 or _distance(panel.box, x, y) < reach:
+                slots[LABEL_SLOTS] = panel.label[:4].ljust(4)
     return ["".join(slots) for slots in cells]
 
 

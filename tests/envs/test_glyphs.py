@@ -51,7 +51,7 @@ def test_a_label_reads_left_to_right_inside_its_panel():
 
 
 def test_cell_slots_spell_the_code_in_reading_order_and_mark_where_to_click():
-    from training.synthetic import CELL_SLOTS, EMPTY, cell_slots
+    from training.synthetic import CELL_SLOTS, EMPTY, LABEL_SLOTS, cell_slots
 
     for screen in screens("RecallCode", range(10)):
         if screen.title != "Sign-in" or "Remember" not in screen.instruction:
@@ -61,6 +61,7 @@ def test_cell_slots_spell_the_code_in_reading_order_and_mark_where_to_click():
         code = next(e.label for e in screen.elements if getattr(e, "label", ""))
         row = "".join(cell[:8] for cell in cells[18:24])  # the code's row, glyph slots only
         assert row.replace(EMPTY, "").endswith(code) or code in row.replace(EMPTY, "")
+        assert all(cell[LABEL_SLOTS] == code[:4] for cell in cells)  # a screen's only panel, in every cell
     for screen in screens("ClickTarget", range(5)):
         cells = cell_slots(screen, 6, reach=None)
         centres = sorted(cell[8:14] for cell in cells if cell[8:14].strip())
@@ -72,7 +73,8 @@ def test_cell_slots_spell_the_code_in_reading_order_and_mark_where_to_click():
 def test_cells_name_the_nearest_button_and_where_to_click_it(near):
     """The key (a label's first letters) and the value (its centre) sit in one token, and
     every token a button covers holds them: they are that button's, not a neighbour's.
-    With a reach, cells far from every button name none; without, every cell names one."""
+    Every cell holds its nearest button's centre; with a reach, the cells far from every
+    button hold no label, without one every cell does."""
     from training.synthetic import CENTRE_SLOTS, LABEL_REACH, LABEL_SLOTS, cell_slots
 
     for screen in screens("ClickTarget", range(10)):
@@ -87,7 +89,8 @@ def test_cells_name_the_nearest_button_and_where_to_click_it(near):
                 assert cell[LABEL_SLOTS].strip() == covering[0].label[:4]
             gaps = [max(e.box[0] - x, 0, x - e.box[2], e.box[1] - y, 0, y - e.box[3]) for e in screen.elements]
             if near and min(gaps) >= LABEL_REACH:  # farther than the reach along one axis at least
-                assert not cell[LABEL_SLOTS].strip() and not cell[CENTRE_SLOTS].strip()
+                assert not cell[LABEL_SLOTS].strip()
+            assert cell[CENTRE_SLOTS] in buttons.values()
         assert any(not cell[LABEL_SLOTS].strip() for cell in cells) == near
 
 
