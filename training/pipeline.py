@@ -201,8 +201,10 @@ def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple
             torch.manual_seed(seed)
             model = LongLLaVA(architecture)
         run.mkdir(parents=True, exist_ok=True)
-        for screens, steps in ((files["toolbars"], preset.tower_toolbar_steps), (files["screens"], preset.tower_steps)):
-            pretrain_tower(model, screens, steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl")
+        phases = ((files["toolbars"], preset.tower_toolbar_steps), (files["screens"], preset.tower_steps))
+        for k, (screens, steps) in enumerate(phases):
+            pretrain_tower(model, screens, steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl",
+                           logged=sum(n for _, n in phases[:k]))
         save_checkpoint(model, run / "model")
     curve = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     return curve[0], sum(curve[-5:]) / 5

@@ -57,8 +57,9 @@ def slot_targets(cells: list[str], tokenizer: ByteTokenizer) -> torch.Tensor:
 
 
 def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int = 32, lr: float = 3e-3,
-                   seed: int = 0, log: Path | None = None, progress: bool = True) -> list[float]:
-    """Trains ``model.vision`` in place; returns the loss of every step."""
+                   seed: int = 0, log: Path | None = None, progress: bool = True, logged: int = 0) -> list[float]:
+    """Trains ``model.vision`` in place; returns the loss of every step. ``logged``: the
+    steps an earlier run (another phase) has written to ``log``, which this one follows."""
     tokenizer = ByteTokenizer()
     rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
     empty = tokenizer.encode(EMPTY)[0]
@@ -85,7 +86,7 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
         optimizer.step()
         losses.append(float(loss.detach()))
         if out is not None:
-            out.write(json.dumps({"step": step + 1, "loss": losses[-1]}) + "\n")
+            out.write(json.dumps({"step": logged + step + 1, "loss": losses[-1]}) + "\n")
     if out is not None:
         out.close()
     return losses

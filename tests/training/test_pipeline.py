@@ -22,8 +22,9 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
     assert list(manifest["stages"]) == ["tower", "align", "read", "click", "single", "multi", "recall", "trajectory"]
     for stage, values in manifest["stages"].items():
         assert values["last_loss"] < values["first_loss"], stage
-    tower_steps = (tmp_path / "runs" / "tower" / "metrics.jsonl").read_text().splitlines()
-    assert len(tower_steps) == PRESETS["smoke"].tower_toolbar_steps + PRESETS["smoke"].tower_steps  # toolbars, then the mix
+    tower_log = (tmp_path / "runs" / "tower" / "metrics.jsonl").read_text().splitlines()
+    phases = PRESETS["smoke"].tower_toolbar_steps + PRESETS["smoke"].tower_steps  # toolbars, then the mix
+    assert [json.loads(line)["step"] for line in tower_log] == list(range(1, phases + 1))
     buttons = {label[:4].ljust(4) for label in LABELS}
     for line in (tmp_path / "data" / "screens" / "toolbars.jsonl").read_text().splitlines():
         names = {cell[synthetic.LABEL_SLOTS] for cell in json.loads(line)["cells"]} - {synthetic.EMPTY * 4}
