@@ -192,19 +192,20 @@ def data_hash(files: dict[str, Path]) -> str:
 def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple[float, float]:
     """The seeded model with its tower pretrained, in ``run/model`` (kept when an
     interrupted run finished it); returns the first loss and the mean of the last five.
-    The tower reads toolbars first, alone: beside the other screens it never learnt to
-    read the white labels on coloured buttons, and once learnt the mix keeps them
-    (docs/benchmarks.md)."""
+    The tower reads toolbars first, alone: beside the other screens a tower never learnt
+    the white labels on coloured buttons, and a tower that had learnt them on toolbars
+    kept them through the mix (docs/benchmarks.md)."""
     if not (run / "model" / "config.json").exists():
         architecture = LongLLaVAConfig.model_validate(preset.architecture)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LongLLaVA(architecture)
         run.mkdir(parents=True, exist_ok=True)
-        phases = ((files["toolbars"], preset.tower_toolbar_steps), (files["screens"], preset.tower_steps))
-        for k, (screens, steps) in enumerate(phases):
+        logged = 0
+        for screens, steps in ((files["toolbars"], preset.tower_toolbar_steps), (files["screens"], preset.tower_steps)):
             pretrain_tower(model, screens, steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl",
-                           logged=sum(n for _, n in phases[:k]))
+                           logged=logged)
+            logged += steps
         save_checkpoint(model, run / "model")
     curve = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     return curve[0], sum(curve[-5:]) / 5

@@ -168,14 +168,13 @@ def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> 
     - the centre, in the action grammar's units, of the labelled panel nearest the cell
       (the one it lies in, if any), and that panel's label's first letters if the cell
       lies within ``reach`` of it or it is the screen's only one: where to click it and
-      what it is called, in the same token. A click needs both, and an LLM learns the lookup from tokens that hold the
-      key beside the value far sooner than from one token per button, and the copy of
-      a lone button's centre soonest when every token holds it (``bench/clicking.py``).
-      The default names one of several panels within about half a cell: a tower
-      learns to read a button's label there, but not when every cell of a toolbar
-      must name its nearest (docs/benchmarks.md). ``reach=math.inf`` names it in every cell (the weights of
-      2026-12-06); ``reach=None`` puts a panel's centre only in the cell that holds it,
-      and no label (the towers before)."""
+      what it is called, in the same token. A click needs both, and an LLM learns the
+      lookup from tokens that hold the key beside the value far sooner than from one
+      token per button, and the copy of a lone button's centre soonest when every token
+      holds it (``bench/clicking.py``). ``reach=math.inf`` names the nearest panel in
+      every cell (the weights of session 17), which kept a tower from reading a toolbar's
+      labels; ``reach=None`` puts a panel's centre only in the cell that holds it, and no
+      label (the towers before); docs/benchmarks.md has each one's results."""
     cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]
 
     def cell(x: float, y: float, scale: float) -> tuple[list[str], float, float]:
