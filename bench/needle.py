@@ -9,7 +9,8 @@ plus the needle (the caption frame), moved to each depth in turn. As in V-NIAH, 
 frames go in as one video (``<vid>``, frames joined by ``<t>``, 36 tokens each), then the
 quiz screen and its question with four options; the model's first action must name the
 right letter. The video is appended frame by frame onto one Engine session and forked
-at each depth, so the frames before the needle are read once per trial.
+at each depth, so the frames before the needle are read once per trial. The JSON beside
+the heat map keeps every answer with the right one, to tell a guess from a fixed reply.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ def answer(engine: Engine, session: str, quiz, quiz_frame: np.ndarray) -> str:
     return parsed.action.text if parsed.ok and parsed.action.kind == "answer" else ""
 
 
-def trial(engine: Engine, frames: int, depths: list[float], k: int) -> list[bool]:
-    """One haystack; the needle at each depth (a share of the video), in order."""
+def trial(engine: Engine, frames: int, depths: list[float], k: int) -> tuple[list[str], str]:
+    """One haystack: the model's answer with the needle at each depth (a share of the
+    video), in order, and the right one."""
     others, needle, quiz, right = haystack(frames, k)
     quiz_frame = render(quiz, SIZE, SIZE)
     positions = [round(d * (frames - 1)) for d in depths]
     session, read = engine.create(), 0
-    outcomes = []
+    answers = []
     for position in positions:
         while read < position:  # the shared prefix, once
             engine.append(session, frame_pieces(others[read], read == 0))
@@ -64,10 +66,10 @@ def trial(engine: Engine, frames: int, depths: list[float], k: int) -> list[bool
         engine.append(branch, frame_pieces(needle, position == 0))
         for j in range(position, len(others)):
             engine.append(branch, frame_pieces(others[j], False))
-        outcomes.append(answer(engine, branch, quiz, quiz_frame) == right)
+        answers.append(answer(engine, branch, quiz, quiz_frame))
         engine.close(branch)
     engine.close(session)
-    return outcomes
+    return answers, right
 
 
 def heat_map(grid: np.ndarray, frames: list[int], depths: list[float], path: Path) -> None:
@@ -104,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.from_pretrained(args.model, device="cpu", max_chunk_tokens=1 << 20)
     depths = list(np.linspace(0, 1, args.depths))
     grid = np.zeros((len(depths), len(args.frames)))
+    answers = {}  # frames -> per trial: the right letter, then the answer at each depth
     for j, n in enumerate(args.frames):
-        hits = np.array([trial(engine, n, depths, k) for k in range(args.trials)], dtype=float)
-        grid[:, j] = hits.mean(0)
+        trials = [trial(engine, n, depths, k) for k in range(args.trials)]
+        answers[n] = [[right, *given] for given, right in trials]
+        grid[:, j] = np.array([[a == right for a in given] for given, right in trials], dtype=float).mean(0)
         print(f"{n} frames: " + " ".join(f"{d:.0%}:{a:.0%}" for d, a in zip(depths, grid[:, j])), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     heat_map(grid, args.frames, depths, args.out.with_suffix(".png"))
-    result = {"frames": args.frames, "depths": depths, "trials": args.trials, "accuracy": grid.tolist(),
+    result = {"frames": args.frames, "depths": depths, "trials": args.trials, "accuracy": grid.tolist(), "answers": answers,
               "command": "python -m bench.needle " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"heat map in {args.out.with_suffix('.png')}")
