@@ -131,7 +131,7 @@ PRESETS = {
             Episodes("OrderEvents", 48, (4,)), Episodes("CountEvents", 48, (4,)), Episodes("NeedleFrame", 48, (6,)),
         ),
         toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
-        steps={"align": 40, "read": 700, "click": 580, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
+        steps={"align": 40, "read": 700, "click": 700, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
         batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
@@ -148,8 +148,7 @@ def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
     files = {
         "screens": synthetic.screens(writer, preset.screens, seed + 1, READING, side),
-        "toolbars": synthetic.screens(writer, preset.toolbars, seed + 9, {"ClickTarget": 1.0}, side, "toolbars",
-                                      centre_reach=synthetic.LABEL_REACH),
+        "toolbars": synthetic.screens(writer, preset.toolbars, seed + 9, {"ClickTarget": 1.0}, side, "toolbars"),
         "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
         "questions": synthetic.questions(writer, preset.questions, seed + 3, READING),
         "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),
@@ -193,10 +192,9 @@ def data_hash(files: dict[str, Path]) -> str:
 def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple[float, float]:
     """The seeded model with its tower pretrained, in ``run/model`` (kept when an
     interrupted run finished it); returns the first loss and the mean of the last five.
-    The tower reads toolbars first, alone, each button's label and centre only in the
-    cells near it: beside the other screens, or with every cell's nearest centre, a tower
-    never learnt the white labels on coloured buttons, and a tower that had learnt them on
-    toolbars kept them through the mix (docs/benchmarks.md)."""
+    The tower reads toolbars first, alone: beside the other screens a tower never learnt
+    the white labels on coloured buttons, and a tower that had learnt them on toolbars
+    kept them through the mix (docs/benchmarks.md)."""
     if not (run / "model" / "config.json").exists():
         architecture = LongLLaVAConfig.model_validate(preset.architecture)
         with torch.random.fork_rng(devices=[]):

@@ -102,12 +102,9 @@ class Writer:
         return path
 
 
-def _qa(question: str, answer: str, images: list[str] | None = None, prefix: str = "<image>\n",
-        more: list[tuple[str, str]] = ()) -> dict:
-    """A LLaVA record: the images before the first question, and ``more`` turns after it."""
-    turns = [((prefix * len(images or [])) + question, answer), *more]
-    record = {"conversations": [{"from": role, "value": value}
-                                for q, a in turns for role, value in (("human", q), ("gpt", a))]}
+def _qa(question: str, answer: str, images: list[str] | None = None, prefix: str = "<image>\n") -> dict:
+    record = {"conversations": [{"from": "human", "value": (prefix * len(images or [])) + question},
+                                {"from": "gpt", "value": answer}]}
     if images:
         record["image"] = images
     return record
@@ -159,7 +156,7 @@ SHAPE_CODES = {"circle": "c", "square": "q", "triangle": "t", "diamond": "d", "s
 LABEL_REACH = 84  # action-grammar units: about half a cell of the 6 x 6 grid (``bench/clicking.py``)
 
 
-def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH, centre_reach: float = math.inf) -> list[str]:
+def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> list[str]:
     """What each cell of a ``side`` x ``side`` grid over the screen shows, row by row, as
     ``CELL_SLOTS`` characters at fixed places. This is what ``training.tower`` teaches
     each pooled image token to see:
@@ -174,9 +171,7 @@ def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH, cen
       what it is called, in the same token. A click needs both, and an LLM learns the
       lookup from tokens that hold the key beside the value far sooner than from one
       token per button, and the copy of a lone button's centre soonest when every token
-      holds it (``bench/clicking.py``). A ``centre_reach`` keeps the centre to the cells
-      that near too: the far cells' centres kept a tower from learning a toolbar's
-      labels, so it first reads toolbars so. ``reach=math.inf`` names the nearest panel in
+      holds it (``bench/clicking.py``). ``reach=math.inf`` names the nearest panel in
       every cell (the weights of session 17), which kept a tower from reading a toolbar's
       labels; ``reach=None`` puts a panel's centre only in the cell that holds it, and no
       label (the towers before); docs/benchmarks.md has each one's results."""
@@ -200,14 +195,11 @@ def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH, cen
         return ["".join(slots) for slots in cells]
     for k, slots in enumerate(cells):
         x, y = (k % side + 0.5) * 1000 / side, (k // side + 0.5) * 1000 / side
-        if not panels:
-            continue
-        panel = min(panels, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
-        distance = 0.0 if len(panels) == 1 else _distance(panel.box, x, y)  # a lone panel: every cell
-        if distance < centre_reach:
+        if panels:
+            panel = min(panels, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
             slots[CENTRE_SLOTS] = _centre_code(panel)
-        if distance < reach:
-            slots[LABEL_SLOTS] = panel.label[:4].ljust(4)
+            if len(panels) == 1 or _distance(panel.box, x, y) < reach:
+                slots[LABEL_SLOTS] = panel.label[:4].ljust(4)
     return ["".join(slots) for slots in cells]
 
 
@@ -236,13 +228,11 @@ def _screens(seed: int, n: int, weights: dict[str, float], first_share: float = 
         yield ep.screens[0 if rng.random() < first_share else rng.randrange(len(ep.screens))]
 
 
-def screens(writer: Writer, n: int, seed: int, weights: dict[str, float], side: int, name: str = "screens",
-            centre_reach: float = math.inf) -> Path:
-    """``n`` screens with what each cell of a ``side`` x ``side`` grid shows
-    (``cell_slots``), for ``training.tower``, in ``<name>.jsonl``; 60% are first screens,
-    which show what the tasks ask about."""
-    records = ({"image": writer.image(s), "cells": cell_slots(s, side, centre_reach=centre_reach)}
-               for s in _screens(seed, n, weights, 0.6))
+def screens(writer: Writer, n: int, seed: int, weights: dict[str, float], side: int, name: str = "screens") -> Path:
+    """``n`` screens with what each cell of a ``side`` x ``side`` grid shows, for
+    ``training.tower``, in ``<name>.jsonl``; 60% are first screens, which show what the
+    tasks ask about."""
+    records = ({"image": writer.image(s), "cells": cell_slots(s, side)} for s in _screens(seed, n, weights, 0.6))
     return writer.write(name, records)
 
 
@@ -282,19 +272,14 @@ def clicks(writer: Writer, n: int, seed: int, alone_share: float, name: str = "c
     an ``alone_share`` of them show that button alone. With one button there is nothing
     to choose, only a centre to copy, which every token near the button holds: the LLM
     learns that copy first, and the choice by label among three after it
-    (``bench/clicking.py``). A toolbar of three then asks for a second button too: one
-    more choice to learn from costs a turn of text, not another image."""
+    (``bench/clicking.py``)."""
     rng = random.Random(seed)
 
     def records() -> Iterator[dict]:
         for k in range(n):
             ep = episode("ClickTarget", data_seed(seed, k), difficulty="easy")
-            if rng.random() < alone_share:
-                screen = named_alone(ep)
-                yield _qa(screen.instruction, format_action(ep.solution), [writer.image(screen)])
-                continue
-            named, *others = screen_questions("ClickTarget", ep, 0)  # the named button's first
-            yield _qa(*named, [writer.image(ep.screens[0])], more=[rng.choice(others)])
+            screen = named_alone(ep) if rng.random() < alone_share else ep.screens[0]
+            yield _qa(screen.instruction, format_action(ep.solution), [writer.image(screen)])
 
     return writer.write(name, records())
 

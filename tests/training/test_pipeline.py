@@ -56,18 +56,11 @@ def test_a_toolbar_with_its_named_button_alone_keeps_that_button_and_the_questio
         alone = synthetic.named_alone(ep)
         (button,) = alone.elements
         assert button.box == ep.target and f'"{button.label}"' in alone.instruction == ep.screens[0].instruction
-    path = synthetic.clicks(synthetic.Writer(tmp_path), 16, seed=3, alone_share=0.5)
-    turns = []
+    path = synthetic.clicks(synthetic.Writer(tmp_path), 8, seed=3, alone_share=0.5)
     for record in map(json.loads, path.read_text().splitlines()):
-        question, answer, *more = (turn["value"] for turn in record["conversations"])
+        question, answer = (turn["value"] for turn in record["conversations"])
         assert question.startswith("<image>\nClick the ") and isinstance(parse_action(answer), Click)
         assert (tmp_path / record["image"][0]).is_file()
-        turns.append(1 + len(more) // 2)
-        if more:  # a toolbar of three asks for another of its buttons after the named one
-            second, click = more
-            assert second.startswith("Click the ") and second != question.removeprefix("<image>\n")
-            assert isinstance(parse_action(click), Click) and parse_action(click) != parse_action(answer)
-    assert set(turns) == {1, 2}
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "config.json").exists(), reason="the demo weights are not built")
