@@ -1,7 +1,7 @@
 """Can the LLM learn to click from image tokens that say what they show? ClickTarget alone:
 
     python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
-        [--question-first] [--echo] [--attn-offset 4] [--lr 2e-3] [--out docs/bench/clicking.json]
+        [--question-first] [--echo] [--second-turn] [--attn-offset 4] [--lr 2e-3] [--out docs/bench/clicking.json]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
 the question names. The demo model never learnt it, so this bench takes the vision tower
@@ -25,8 +25,10 @@ The tower's slot design varies (``training.synthetic.cell_slots``):
 
 So does the recipe: ``--alone-steps`` first shows the named button alone (a copy with
 nothing to choose), ``--question-first`` puts the question before the image, ``--echo``
-has the answer name the button before it clicks, and ``--attn-offset`` moves the LLM's
-one attention layer (the embedded config's is at layer 1; Jamba's at 4).
+has the answer name the button before it clicks, ``--second-turn`` asks a toolbar of
+three for another of its buttons after the named one (the demo recipe's ``click`` data),
+and ``--attn-offset`` moves the LLM's one attention layer (the embedded config's is at
+layer 1; Jamba's at 4).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from model.default import DEFAULT_CONFIG
 from model.longllava import LongLLaVA
 from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, user_turn
 from model.tokenizer import ByteTokenizer, tokenize_prompt
-from training.synthetic import CELL_SLOTS, EVAL_SEED, LABEL_REACH, SIZE, cell_slots, data_seed, episode, named_alone
+from training.synthetic import (CELL_SLOTS, EVAL_SEED, LABEL_REACH, SIZE, cell_slots, data_seed, episode, named_alone,
+                                screen_questions)
 
 LEARNED = 0.3  # nats per answer token; the plateau is about 0.78 (the digits guessed)
 BATCH, WARMUP = 16, 30
@@ -66,6 +69,7 @@ class Recipe:
     alone_steps: int = 0  # first steps with only the named button on the toolbar
     question_first: bool = False  # the question, then the image
     echo: bool = False  # the answer names the button before it clicks: 'Save: click(x, y)'
+    second_turn: bool = False  # a toolbar of three then asks for another of its buttons
     attn_offset: int = DEFAULT_CONFIG.attn_layer_offset
     lr: float = 2e-3
 
@@ -76,6 +80,7 @@ class Toolbar:
     question: str
     answer: str
     target: tuple[int, int, int, int]
+    more: tuple[tuple[str, str], ...] = ()  # later (question, answer) turns
 
 
 def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
@@ -85,7 +90,10 @@ def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
     answer = f"click({ep.solution.x}, {ep.solution.y})"
     if recipe.echo:
         answer = f"{screen.instruction.split(chr(34))[1]}: {answer}"
-    return Toolbar(cell_slots(screen, SIDE, DESIGNS[recipe.design]), screen.instruction, answer, ep.target)
+    more = ()
+    if recipe.second_turn and not alone:
+        more = (random.Random(seed).choice(screen_questions("ClickTarget", ep, 0)[1:]),)
+    return Toolbar(cell_slots(screen, SIDE, DESIGNS[recipe.design]), screen.instruction, answer, ep.target, more)
 
 
 class IdealTower(nn.Module):
@@ -112,14 +120,19 @@ def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool) -> tupl
     rows = []
     for _ in range(BATCH):
         bar = toolbar(data_seed(9, rng.randrange(50_000)), recipe, alone)
-        answer = tokenize_prompt(TOKENIZER, bar.answer + EOS_TOKEN)
         prompt = prompt_embeds(model, tower, bar, recipe)
-        rows.append((torch.cat([prompt, model.llm.embed_tokens(torch.tensor(answer))]), prompt.shape[0], answer))
-    width = max(e.shape[0] for e, _, _ in rows)
-    embeds = torch.stack([F.pad(e, (0, 0, 0, width - e.shape[0])) for e, _, _ in rows])
+        ids, labels = [], [-100] * prompt.shape[0]
+        for k, (question, answer) in enumerate([(None, bar.answer), *bar.more]):
+            asked = tokenize_prompt(TOKENIZER, user_turn(question) + ASSISTANT_PREFIX) if k else []
+            answered = tokenize_prompt(TOKENIZER, answer + EOS_TOKEN)
+            ids += asked + answered
+            labels += [-100] * len(asked) + answered
+        rows.append((torch.cat([prompt, model.llm.embed_tokens(torch.tensor(ids))]), labels[1:] + [-100]))
+    width = max(e.shape[0] for e, _ in rows)
+    embeds = torch.stack([F.pad(e, (0, 0, 0, width - e.shape[0])) for e, _ in rows])
     labels = torch.full((BATCH, width), -100)
-    for i, (_, start, answer) in enumerate(rows):
-        labels[i, start - 1 : start - 1 + len(answer)] = torch.tensor(answer)  # position t predicts t + 1
+    for i, (_, row) in enumerate(rows):
+        labels[i, : len(row)] = torch.tensor(row)  # position t predicts t + 1
     return embeds, labels
 
 
@@ -173,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alone-steps", type=int, default=0, help="first steps with only the named button shown")
     parser.add_argument("--question-first", action="store_true")
     parser.add_argument("--echo", action="store_true")
+    parser.add_argument("--second-turn", action="store_true")
     parser.add_argument("--attn-offset", type=int, default=DEFAULT_CONFIG.attn_layer_offset)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.attn_offset, args.lr)
+    recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset, args.lr)
                for design in args.designs]
     rows = [train(recipe, args.steps, seed) for recipe in recipes for seed in args.seeds]
     print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit (median) |")
