@@ -26,9 +26,8 @@ The tower's slot design varies (``training.synthetic.cell_slots``):
 So does the recipe: ``--alone-steps`` first shows the named button alone (a copy with
 nothing to choose), ``--question-first`` puts the question before the image, ``--echo``
 has the answer name the button before it clicks, ``--second-turn`` asks a toolbar of
-three for another of its buttons after the named one (the demo recipe's ``click`` data),
-and ``--attn-offset`` moves the LLM's one attention layer (the embedded config's is at
-layer 1; Jamba's at 4).
+three for another of its buttons after the named one, and ``--attn-offset`` moves the
+LLM's one attention layer (the embedded config's is at layer 1; Jamba's at 4).
 """
 
 from __future__ import annotations
@@ -121,12 +120,12 @@ def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool) -> tupl
     for _ in range(BATCH):
         bar = toolbar(data_seed(9, rng.randrange(50_000)), recipe, alone)
         prompt = prompt_embeds(model, tower, bar, recipe)
-        ids, labels = [], [-100] * prompt.shape[0]
-        for k, (question, answer) in enumerate([(None, bar.answer), *bar.more]):
-            asked = tokenize_prompt(TOKENIZER, user_turn(question) + ASSISTANT_PREFIX) if k else []
+        ids = tokenize_prompt(TOKENIZER, bar.answer + EOS_TOKEN)
+        labels = [-100] * prompt.shape[0] + ids
+        for question, answer in bar.more:
+            asked = tokenize_prompt(TOKENIZER, user_turn(question) + ASSISTANT_PREFIX)
             answered = tokenize_prompt(TOKENIZER, answer + EOS_TOKEN)
-            ids += asked + answered
-            labels += [-100] * len(asked) + answered
+            ids, labels = ids + asked + answered, labels + [-100] * len(asked) + answered
         rows.append((torch.cat([prompt, model.llm.embed_tokens(torch.tensor(ids))]), labels[1:] + [-100]))
     width = max(e.shape[0] for e, _ in rows)
     embeds = torch.stack([F.pad(e, (0, 0, 0, width - e.shape[0])) for e, _ in rows])
