@@ -11,7 +11,9 @@ frozen tower whose slots a linear probe reads (``training.tower``). The projecto
 LLM (the embedded config, from a seeded start) then learn the click questions of the
 single-image stage ('<image> Click the "Save" button.' -> 'click(x, y)') with the
 Trainer's optimiser settings, and are scored on held-out toolbars by whether the greedy
-click hits the named button.
+click hits the named button, and by whether the attention layer looks at the named
+button's tokens when each button of a toolbar is asked for in turn: a layer blind to the
+question looks at the same button whatever is asked, right one time in three.
 
 The tower's slot design varies (``training.synthetic.cell_slots``):
 
@@ -38,7 +40,7 @@ import math
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,13 +49,14 @@ from torch import nn
 
 from bench.copying import learning, over_seeds
 from envs.actions import Click, parse_action
-from envs.render import hits
+from envs.render import Panel, hits
 from model.default import DEFAULT_CONFIG
+from model.llm import Attention
 from model.longllava import LongLLaVA
-from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, user_turn
+from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, IMAGE_TOKEN_INDEX, user_turn
 from model.tokenizer import ByteTokenizer, tokenize_prompt
-from training.synthetic import (CELL_SLOTS, EVAL_SEED, LABEL_REACH, SIZE, cell_slots, data_seed, episode, named_alone,
-                                screen_questions)
+from training.synthetic import (CELL_SLOTS, CENTRE_SLOTS, EVAL_SEED, LABEL_REACH, SIZE, cell_slots, data_seed, episode,
+                                named_alone, screen_questions)
 
 LEARNED = 0.3  # nats per answer token; the plateau is about 0.78 (the digits guessed)
 BATCH, WARMUP = 16, 30
@@ -108,10 +111,13 @@ class IdealTower(nn.Module):
         return self.code[torch.arange(ids.shape[1]), ids].sum(1)
 
 
-def prompt_embeds(model: LongLLaVA, tower: IdealTower, bar: Toolbar, recipe: Recipe) -> torch.Tensor:
+def prompt_ids(bar: Toolbar, recipe: Recipe) -> list[int]:
     text = f"{bar.question}\n{IMAGE_MARKUP}" if recipe.question_first else f"{IMAGE_MARKUP}\n{bar.question}"
-    ids = tokenize_prompt(TOKENIZER, user_turn(text) + ASSISTANT_PREFIX)
-    return model.embed(ids, model.projector(tower(bar.cells))[None])
+    return tokenize_prompt(TOKENIZER, user_turn(text) + ASSISTANT_PREFIX)
+
+
+def prompt_embeds(model: LongLLaVA, tower: IdealTower, bar: Toolbar, recipe: Recipe) -> torch.Tensor:
+    return model.embed(prompt_ids(bar, recipe), model.projector(tower(bar.cells))[None])
 
 
 def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,21 +141,77 @@ def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool) -> tupl
     return embeds, labels
 
 
+def each_button(k: int, recipe: Recipe) -> list[Toolbar]:
+    """Held-out toolbar ``k`` asked for each of its buttons in turn, the named one first."""
+    seed = EVAL_SEED + 500 + k
+    bar, ep = toolbar(seed, recipe), episode("ClickTarget", seed, difficulty="easy")
+    panels = [e for e in ep.screens[0].elements if isinstance(e, Panel) and e.label]
+    asked = screen_questions("ClickTarget", ep, 0)
+    return [replace(bar, question=q, answer=a, target=p.box) for (q, a), p in zip(asked, panels, strict=True)]
+
+
 @torch.no_grad()
-def hit_rate(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 60) -> float:
-    """Greedy answers on ``n`` held-out toolbars: the share whose click hits the named button."""
-    hit = 0
+def clicks(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> tuple[float, float]:
+    """Greedy answers to every question of ``n`` held-out toolbars (one per button): the
+    share whose click hits the named button, and the distinct clicks per toolbar, which is
+    1 when the answer ignores the question and 3 when it follows it."""
+    hit, distinct = 0, 0
     for k in range(n):
-        bar = toolbar(EVAL_SEED + 500 + k, recipe)
-        embeds, out = prompt_embeds(model, tower, bar, recipe), []
-        for _ in range(32):
-            out.append(int(model.llm.head(model.llm.forward_batch(embeds[None]))[0, -1].argmax()))
-            if out[-1] == DEFAULT_CONFIG.eos_token_id:
-                break
-            embeds = torch.cat([embeds, model.llm.embed_tokens(torch.tensor(out[-1:]))])
-        action = parse_action(TOKENIZER.decode(out, skip_special=True).split(": ")[-1])
-        hit += isinstance(action, Click) and hits(bar.target, action, SIZE, SIZE)
-    return hit / n
+        answers = []
+        for bar in each_button(k, recipe):
+            embeds, out = prompt_embeds(model, tower, bar, recipe), []
+            for _ in range(32):
+                out.append(int(model.llm.head(model.llm.forward_batch(embeds[None]))[0, -1].argmax()))
+                if out[-1] == DEFAULT_CONFIG.eos_token_id:
+                    break
+                embeds = torch.cat([embeds, model.llm.embed_tokens(torch.tensor(out[-1:]))])
+            answers.append(TOKENIZER.decode(out, skip_special=True).split(": ")[-1])
+            action = parse_action(answers[-1])
+            hit += isinstance(action, Click) and hits(bar.target, action, SIZE, SIZE)
+        distinct += len(set(answers))
+    return hit / (3 * n), distinct / n
+
+
+@torch.no_grad()
+def attention_follows(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> float:
+    """Does the attention layer look at the button that the question names?
+
+    At the last prompt position (it writes the answer's first token), a head's pick is the
+    button whose tokens (those holding its centre) take most of the head's attention.
+    Returns the best head's share of picks, over every question of ``n`` held-out
+    toolbars, that are the named button: a head blind to the question picks the same
+    button whatever is asked, so it is right 1 time in 3.
+    """
+    layer = model.llm.layers[recipe.attn_offset]
+    inputs = []  # what the attention layer reads: its input norm's output
+    hook = layer.input_layernorm.register_forward_hook(lambda module, args, out: inputs.append(out[0]))
+    right = torch.zeros(layer.self_attn.heads)
+    try:
+        for k in range(n):
+            for bar in each_button(k, recipe):
+                inputs.clear()
+                model.llm.forward_batch(prompt_embeds(model, tower, bar, recipe)[None])
+                start = prompt_ids(bar, recipe).index(IMAGE_TOKEN_INDEX)
+                picks = _picks(layer.self_attn, inputs[0], range(start, start + len(bar.cells)), bar.cells)
+                right += torch.tensor([pick == _centre_slots(bar.answer) for pick in picks])
+    finally:
+        hook.remove()
+    return right.max().item() / (3 * n)
+
+
+def _picks(attn: Attention, x: torch.Tensor, image: range, cells: list[str]) -> list[str]:
+    """Per head: the centre slots of the cells that the last position attends to most."""
+    q, k, _ = attn._qkv(x[None])
+    k = k.repeat_interleave(attn.heads // attn.kv_heads, 1)
+    weights = torch.softmax(q[0, :, -1:] @ k[0].transpose(1, 2) / attn.head_dim**0.5, -1)[:, 0, image.start : image.stop]
+    groups = sorted({cell[CENTRE_SLOTS] for cell in cells})
+    member = torch.tensor([[cell[CENTRE_SLOTS] == g for g in groups] for cell in cells], dtype=weights.dtype)
+    return [groups[i] for i in (weights @ member).argmax(1).tolist()]
+
+
+def _centre_slots(answer: str) -> str:
+    click = parse_action(answer.split(": ")[-1])
+    return f"{min(click.x, 999):03d}{min(click.y, 999):03d}"
 
 
 def train(recipe: Recipe, steps: int, seed: int) -> dict:
@@ -172,8 +234,10 @@ def train(recipe: Recipe, steps: int, seed: int) -> dict:
         if step % 50 == 0:
             print(f"{recipe} seed {seed} step {step}: loss {statistics.fmean(losses[-50:]):.3f}", flush=True)
     learned, final = learning(losses, LEARNED)
+    hit, distinct = clicks(model.eval(), tower, recipe)
     return {**asdict(recipe), "seed": seed, "steps": steps, "seconds": round(time.perf_counter() - began, 1),
-            "learned_at": learned, "final_loss": final, "hit_rate": hit_rate(model.eval(), tower, recipe),
+            "learned_at": learned, "final_loss": final, "hit_rate": hit, "distinct_clicks": distinct,
+            "attention_follows": attention_follows(model, tower, recipe),
             "losses": [round(v, 4) for v in losses]}
 
 
@@ -194,11 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset, args.lr)
                for design in args.designs]
     rows = [train(recipe, args.steps, seed) for recipe in recipes for seed in args.seeds]
-    print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit (median) |")
-    print("|---|---|---|---|---|")
+    print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit (median) "
+          "| distinct clicks per toolbar (blind: 1, following: 3) | attention picks the named button (blind: 33%) |")
+    print("|---|---|---|---|---|---|---|")
     for recipe in recipes:
         runs = [r for r in rows if r["design"] == recipe.design]
-        print(f"| {recipe} | {over_seeds(runs)} | {statistics.median(r['hit_rate'] for r in runs):.0%} |")
+        print(f"| {recipe} | {over_seeds(runs)} | {statistics.median(r['hit_rate'] for r in runs):.0%} "
+              f"| {statistics.median(r['distinct_clicks'] for r in runs):.2f} "
+              f"| {statistics.median(r['attention_follows'] for r in runs):.0%} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 0
