@@ -1,7 +1,8 @@
 """Can the LLM learn to click from image tokens that say what they show? ClickTarget alone:
 
     python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
-        [--question-first] [--echo] [--second-turn] [--attn-offset 4] [--lr 2e-3] [--out docs/bench/clicking.json]
+        [--question-first] [--echo] [--second-turn] [--attn-offset 4] [--text] [--lr 2e-3]
+        [--out docs/bench/clicking.json]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
 the question names. The demo model never learnt it, so this bench takes the vision tower
@@ -28,8 +29,10 @@ The tower's slot design varies (``training.synthetic.cell_slots``):
 So does the recipe: ``--alone-steps`` first shows the named button alone (a copy with
 nothing to choose), ``--question-first`` puts the question before the image, ``--echo``
 has the answer name the button before it clicks, ``--second-turn`` asks a toolbar of
-three for another of its buttons after the named one, and ``--attn-offset`` moves the
-LLM's one attention layer (the embedded config's is at layer 1; Jamba's at 4).
+three for another of its buttons after the named one, ``--attn-offset`` moves the
+LLM's one attention layer (the embedded config's is at layer 1; Jamba's at 4), and
+``--text`` shows no image but the toolbar as a line of text (each button's label letters
+and centre), which takes the image tokens out of the question too.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ from model.llm import Attention
 from model.longllava import LongLLaVA
 from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, IMAGE_TOKEN_INDEX, user_turn
 from model.tokenizer import ByteTokenizer, tokenize_prompt
-from training.synthetic import (CELL_SLOTS, CENTRE_SLOTS, EVAL_SEED, LABEL_REACH, SIZE, cell_slots, data_seed, episode,
-                                named_alone, screen_questions)
+from training.synthetic import (CELL_SLOTS, CENTRE_SLOTS, EVAL_SEED, LABEL_REACH, LABEL_SLOTS, SIZE, cell_slots,
+                                data_seed, episode, named_alone, screen_questions)
 
 LEARNED = 0.3  # nats per answer token; the plateau is about 0.78 (the digits guessed)
 BATCH, WARMUP = 16, 30
@@ -74,6 +77,7 @@ class Recipe:
     second_turn: bool = False  # a toolbar of three then asks for another of its buttons
     attn_offset: int = DEFAULT_CONFIG.attn_layer_offset
     lr: float = 2e-3
+    text: bool = False  # no image: the toolbar as a line of text, 'Save 315,245; Open 612,300; ...'
 
 
 @dataclass(frozen=True)
@@ -112,12 +116,21 @@ class IdealTower(nn.Module):
 
 
 def prompt_ids(bar: Toolbar, recipe: Recipe) -> list[int]:
-    text = f"{bar.question}\n{IMAGE_MARKUP}" if recipe.question_first else f"{IMAGE_MARKUP}\n{bar.question}"
+    shown = as_text(bar.cells) if recipe.text else IMAGE_MARKUP
+    text = f"{bar.question}\n{shown}" if recipe.question_first else f"{shown}\n{bar.question}"
     return tokenize_prompt(TOKENIZER, user_turn(text) + ASSISTANT_PREFIX)
 
 
 def prompt_embeds(model: LongLLaVA, tower: IdealTower, bar: Toolbar, recipe: Recipe) -> torch.Tensor:
+    if recipe.text:
+        return model.llm.embed_tokens(torch.tensor(prompt_ids(bar, recipe)))
     return model.embed(prompt_ids(bar, recipe), model.projector(tower(bar.cells))[None])
+
+
+def as_text(cells: list[str]) -> str:
+    """The buttons that the cells name, in reading order: 'Undo 669,295; Rena 264,802'."""
+    named = dict.fromkeys((cell[LABEL_SLOTS].strip(), cell[CENTRE_SLOTS]) for cell in cells)
+    return "; ".join(f"{label} {centre[:3]},{centre[3:]}" for label, centre in named if label)
 
 
 def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +215,8 @@ def attention_follows(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: in
 def _picks(attn: Attention, x: torch.Tensor, image: range, cells: list[str]) -> list[str]:
     """Per head: the centre slots of the cells that the last position attends to most."""
     q, k, _ = attn._qkv(x[None])
-    k = k.repeat_interleave(attn.heads // attn.kv_heads, 1)
-    weights = torch.softmax(q[0, :, -1:] @ k[0].transpose(1, 2) / attn.head_dim**0.5, -1)[:, 0, image.start : image.stop]
+    k = k[0, :, image.start : image.stop].repeat_interleave(attn.heads // attn.kv_heads, 0)
+    weights = torch.softmax(q[0, :, -1:] @ k.transpose(1, 2) / attn.head_dim**0.5, -1)[:, 0]
     groups = sorted({cell[CENTRE_SLOTS] for cell in cells})
     member = torch.tensor([[cell[CENTRE_SLOTS] == g for g in groups] for cell in cells], dtype=weights.dtype)
     return [groups[i] for i in (weights @ member).argmax(1).tolist()]
@@ -237,7 +250,7 @@ def train(recipe: Recipe, steps: int, seed: int) -> dict:
     hit, distinct = clicks(model.eval(), tower, recipe)
     return {**asdict(recipe), "seed": seed, "steps": steps, "seconds": round(time.perf_counter() - began, 1),
             "learned_at": learned, "final_loss": final, "hit_rate": hit, "distinct_clicks": distinct,
-            "attention_follows": attention_follows(model, tower, recipe),
+            "attention_follows": None if recipe.text else attention_follows(model, tower, recipe),
             "losses": [round(v, 4) for v in losses]}
 
 
@@ -250,22 +263,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-first", action="store_true")
     parser.add_argument("--echo", action="store_true")
     parser.add_argument("--second-turn", action="store_true")
+    parser.add_argument("--text", action="store_true", help="the toolbar as a line of text, with no image")
     parser.add_argument("--attn-offset", type=int, default=DEFAULT_CONFIG.attn_layer_offset)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset, args.lr)
-               for design in args.designs]
+    recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset,
+                      args.lr, args.text) for design in args.designs]
     rows = [train(recipe, args.steps, seed) for recipe in recipes for seed in args.seeds]
-    print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit (median) "
+    print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit "
           "| distinct clicks per toolbar (blind: 1, following: 3) | attention picks the named button (blind: 33%) |")
     print("|---|---|---|---|---|---|---|")
     for recipe in recipes:
         runs = [r for r in rows if r["design"] == recipe.design]
-        print(f"| {recipe} | {over_seeds(runs)} | {statistics.median(r['hit_rate'] for r in runs):.0%} "
-              f"| {statistics.median(r['distinct_clicks'] for r in runs):.2f} "
-              f"| {statistics.median(r['attention_follows'] for r in runs):.0%} |")
+        hit, distinct = (statistics.median(r[key] for r in runs) for key in ("hit_rate", "distinct_clicks"))
+        follows = "" if recipe.text else f"{statistics.median(r['attention_follows'] for r in runs):.0%}"
+        print(f"| {recipe} | {over_seeds(runs)} | {hit:.0%} | {distinct:.2f} | {follows} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 0
