@@ -59,7 +59,7 @@ from model.longllava import LongLLaVA
 from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, IMAGE_TOKEN_INDEX, user_turn
 from model.tokenizer import ByteTokenizer, tokenize_prompt
 from training.synthetic import (CELL_SLOTS, CENTRE_SLOTS, EVAL_SEED, LABEL_REACH, LABEL_SLOTS, SIZE, cell_slots,
-                                data_seed, episode, named_alone, screen_questions)
+                                centre_code, data_seed, episode, named_alone, screen_questions)
 
 LEARNED = 0.3  # nats per answer token; the plateau is about 0.78 (the digits guessed)
 BATCH, WARMUP = 16, 30
@@ -206,7 +206,7 @@ def attention_follows(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: in
                 model.llm.forward_batch(prompt_embeds(model, tower, bar, recipe)[None])
                 start = prompt_ids(bar, recipe).index(IMAGE_TOKEN_INDEX)
                 picks = _picks(layer.self_attn, inputs[0], range(start, start + len(bar.cells)), bar.cells)
-                right += torch.tensor([pick == _centre_slots(bar.answer) for pick in picks])
+                right += torch.tensor([pick == centre_code(bar.target) for pick in picks])
     finally:
         hook.remove()
     return right.max().item() / (3 * n)
@@ -220,11 +220,6 @@ def _picks(attn: Attention, x: torch.Tensor, image: range, cells: list[str]) -> 
     groups = sorted({cell[CENTRE_SLOTS] for cell in cells})
     member = torch.tensor([[cell[CENTRE_SLOTS] == g for g in groups] for cell in cells], dtype=weights.dtype)
     return [groups[i] for i in (weights @ member).argmax(1).tolist()]
-
-
-def _centre_slots(answer: str) -> str:
-    click = parse_action(answer.split(": ")[-1])
-    return f"{min(click.x, 999):03d}{min(click.y, 999):03d}"
 
 
 def train(recipe: Recipe, steps: int, seed: int) -> dict:

@@ -191,20 +191,21 @@ def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> 
     if reach is None:
         for panel in panels:
             slots, _, _ = cell(*_centre(panel.box), 1000)
-            slots[CENTRE_SLOTS] = _centre_code(panel)
+            slots[CENTRE_SLOTS] = centre_code(panel.box)
         return ["".join(slots) for slots in cells]
     for k, slots in enumerate(cells):
         x, y = (k % side + 0.5) * 1000 / side, (k // side + 0.5) * 1000 / side
         if panels:
             panel = min(panels, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
-            slots[CENTRE_SLOTS] = _centre_code(panel)
+            slots[CENTRE_SLOTS] = centre_code(panel.box)
             if len(panels) == 1 or _distance(panel.box, x, y) < reach:
                 slots[LABEL_SLOTS] = panel.label[:4].ljust(4)
     return ["".join(slots) for slots in cells]
 
 
-def _centre_code(panel: Panel) -> str:
-    cx, cy = (min(v, 999) for v in _centre(panel.box))
+def centre_code(box: tuple[int, int, int, int]) -> str:
+    """What a cell's centre slots hold for the panel at ``box``: its centre as "xxxyyy"."""
+    cx, cy = (min(v, 999) for v in _centre(box))
     return f"{cx:03d}{cy:03d}"
 
 
