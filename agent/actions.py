@@ -3,6 +3,7 @@
     click(x, y)      x, y: integers in 0..1000, relative to the screenshot's width and
                      height (UI-TARS v1, CogAgent, OS-Atlas), so a coordinate means the same
                      spot at any screen size; env adapters convert it to pixels
+    click("name", x, y)  the same click, naming what it means to hit before the point
     type("text")     type into the focused field
     scroll(dx, dy)   integers in -1000..1000; positive dy scrolls down, positive dx right
     key("name")      press a key: key("Enter"), key("ctrl+a")
@@ -57,6 +58,11 @@ class Click(_Action):
     kind: Literal["click"] = "click"
     x: Coordinate
     y: Coordinate
+    target: UnicodeText = ""  # what it means to hit; the text names it first: click("Save", 264, 802)
+
+    def to_text(self) -> str:
+        point = f"{self.x}, {self.y}"
+        return f"click({json.dumps(self.target, ensure_ascii=False)}, {point})" if self.target else f"click({point})"
 
 
 class TypeText(_Action):
@@ -90,7 +96,8 @@ FALLBACK = Wait()
 
 GRAMMAR_HELP = (
     "Reply with one action: click(x, y) with x and y from 0 to 1000 across the screenshot's "
-    'width and height, type("text"), scroll(dx, dy), key("name"), wait(), or answer("text").'
+    'width and height, or click("name", x, y) to name what it clicks, type("text"), scroll(dx, dy), '
+    'key("name"), wait(), or answer("text").'
 )
 
 
@@ -114,6 +121,7 @@ class ParsedAction(BaseModel):
 _CALL = re.compile(
     r"\b(?:"
     r"(?P<pair>click|scroll)\s*\(\s*(?P<a>[+-]?[0-9]+)\s*,\s*(?P<b>[+-]?[0-9]+)\s*\)"
+    r'|(?P<named>click)\s*\(\s*(?P<target>"(?:[^"\\]|\\.)*+")\s*,\s*(?P<x>[+-]?[0-9]+)\s*,\s*(?P<y>[+-]?[0-9]+)\s*\)'
     r'|(?P<one>type|key|answer)\s*\(\s*(?P<string>"(?:[^"\\]|\\.)*+")\s*\)'
     r"|(?P<none>wait)\s*\(\s*\)"
     r")",
@@ -143,6 +151,11 @@ def _fields(call: re.Match[str]) -> dict[str, object]:
         kind = call["pair"].lower()
         a, b = (_integer(call[g]) for g in ("a", "b"))
         return {"kind": kind, **({"x": a, "y": b} if kind == "click" else {"dx": a, "dy": b})}
+    if call["named"]:
+        target = json.loads(call["target"], strict=False)
+        if not target:
+            raise ValueError('click("", x, y) names no target: write click(x, y)')
+        return {"kind": "click", "target": target, "x": _integer(call["x"]), "y": _integer(call["y"])}
     if call["one"]:
         kind = call["one"].lower()
         value = json.loads(call["string"], strict=False)  # strict=False admits raw newlines, as envs does

@@ -1,7 +1,7 @@
 """Can the LLM learn to click from image tokens that say what they show? ClickTarget alone:
 
     python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
-        [--question-first] [--echo] [--second-turn] [--attn-offset 4] [--text] [--lr 2e-3]
+        [--question-first] [--echo] [--name-first] [--second-turn] [--attn-offset 4] [--text] [--lr 2e-3]
         [--out docs/bench/clicking.json]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
@@ -14,7 +14,9 @@ single-image stage ('<image> Click the "Save" button.' -> 'click(x, y)') with th
 Trainer's optimiser settings, and are scored on held-out toolbars by whether the greedy
 click hits the named button, and by whether the attention layer looks at the named
 button's tokens when each button of a toolbar is asked for in turn: a layer blind to the
-question looks at the same button whatever is asked, right one time in three.
+question looks at the same button whatever is asked, right one time in three. A linear
+probe then asks whether that layer's query could follow the question at all: whether what
+it reads where the click's first digit is written holds the named label.
 
 The tower's slot design varies (``training.synthetic.cell_slots``):
 
@@ -28,7 +30,8 @@ The tower's slot design varies (``training.synthetic.cell_slots``):
 
 So does the recipe: ``--alone-steps`` first shows the named button alone (a copy with
 nothing to choose), ``--question-first`` puts the question before the image, ``--echo``
-has the answer name the button before it clicks, ``--second-turn`` asks a toolbar of
+has the answer name the button before it clicks ('Save: click(x, y)'), ``--name-first``
+inside the click, just before the point ('click("Save", x, y)'), ``--second-turn`` asks a toolbar of
 three for another of its buttons after the named one, ``--attn-offset`` moves the
 LLM's one attention layer (the embedded config's is at layer 1; Jamba's at 4), and
 ``--text`` shows no image but the toolbar as a line of text (each button's label letters
@@ -41,6 +44,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -51,8 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.copying import learning, over_seeds
-from envs.actions import Click, parse_action
+from envs.actions import Click, format_action, parse_action
 from envs.render import Panel, hits
+from envs.tasks.click_target import LABELS
 from model.default import DEFAULT_CONFIG
 from model.llm import Attention
 from model.longllava import LongLLaVA
@@ -78,6 +83,7 @@ class Recipe:
     attn_offset: int = DEFAULT_CONFIG.attn_layer_offset
     lr: float = 2e-3
     text: bool = False  # no image: the toolbar as a line of text, 'Save 315,245; Open 612,300; ...'
+    name_first: bool = False  # the answer names the button inside the click: 'click("Save", x, y)'
 
 
 @dataclass(frozen=True)
@@ -93,13 +99,21 @@ def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
     """A ClickTarget easy episode as the recipe presents it; ``alone`` keeps only the named button."""
     ep = episode("ClickTarget", seed, difficulty="easy")
     screen = named_alone(ep) if alone else ep.screens[0]
-    answer = f"click({ep.solution.x}, {ep.solution.y})"
-    if recipe.echo:
-        answer = f"{screen.instruction.split(chr(34))[1]}: {answer}"
     more = ()
     if recipe.second_turn and not alone:
-        more = (random.Random(seed).choice(screen_questions("ClickTarget", ep, 0)[1:]),)
-    return Toolbar(cell_slots(screen, SIDE, DESIGNS[recipe.design]), screen.instruction, answer, ep.target, more)
+        question, answer = random.Random(seed).choice(screen_questions("ClickTarget", ep, 0)[1:])
+        more = ((question, reply(recipe, parse_action(answer))),)
+    cells = cell_slots(screen, SIDE, DESIGNS[recipe.design])
+    return Toolbar(cells, screen.instruction, reply(recipe, ep.solution), ep.target, more)
+
+
+def reply(recipe: Recipe, click: Click) -> str:
+    """The answer the recipe trains for a click that names its button ('click("Save", x, y)'):
+    with the name inside the click, before it ('Save: click(x, y)'), or not at all."""
+    if recipe.name_first:
+        return format_action(click)
+    plain = format_action(replace(click, target=""))
+    return f"{click.target}: {plain}" if recipe.echo else plain
 
 
 class IdealTower(nn.Module):
@@ -160,7 +174,8 @@ def each_button(k: int, recipe: Recipe) -> list[Toolbar]:
     bar, ep = toolbar(seed, recipe), episode("ClickTarget", seed, difficulty="easy")
     panels = [e for e in ep.screens[0].elements if isinstance(e, Panel) and e.label]
     asked = screen_questions("ClickTarget", ep, 0)
-    return [replace(bar, question=q, answer=a, target=p.box) for (q, a), p in zip(asked, panels, strict=True)]
+    return [replace(bar, question=q, answer=reply(recipe, parse_action(a)), target=p.box)
+            for (q, a), p in zip(asked, panels, strict=True)]
 
 
 @torch.no_grad()
@@ -222,6 +237,47 @@ def _picks(attn: Attention, x: torch.Tensor, image: range, cells: list[str]) -> 
     return [groups[i] for i in (weights @ member).argmax(1).tolist()]
 
 
+@torch.no_grad()
+def query_holds_label(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 200) -> float:
+    """Can the attention layer's query know which button is named?
+
+    At the position that writes the click's first digit (the answer fed up to it),
+    a linear probe reads the named label (one of ``LABELS``) from what the attention layer
+    reads there (its input norm's output). It is fit on three quarters of the questions of
+    ``n`` held-out toolbars and scored on the rest: 5% is chance, a query with nothing to
+    match the buttons' labels against.
+    """
+    inputs = []
+    hook = model.llm.layers[recipe.attn_offset].input_layernorm.register_forward_hook(
+        lambda module, args, out: inputs.append(out[0, -1]))
+    try:
+        named = []
+        for k in range(n):
+            for bar in each_button(k, recipe):
+                fed = tokenize_prompt(TOKENIZER, bar.answer[: re.search("[0-9]", bar.answer).start()])
+                model.llm.forward_batch(torch.cat([prompt_embeds(model, tower, bar, recipe),
+                                                   model.llm.embed_tokens(torch.tensor(fed))])[None])
+                named.append(LABELS.index(bar.question.split('"')[1]))
+    finally:
+        hook.remove()
+    return _probe(torch.stack(inputs), torch.tensor(named), len(LABELS))
+
+
+def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 400) -> float:
+    """Held-out accuracy of a logistic regression fit on the first three quarters of (x, y)."""
+    fit = len(y) * 3 // 4
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        probe = nn.Linear(x.shape[1], classes)
+        optimizer = torch.optim.Adam(probe.parameters(), lr=0.05, weight_decay=1e-3)
+        for _ in range(steps):
+            loss = F.cross_entropy(probe(x[:fit]), y[:fit])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return (probe(x[fit:]).argmax(1) == y[fit:]).float().mean().item()
+
+
 def train(recipe: Recipe, steps: int, seed: int) -> dict:
     torch.manual_seed(seed)
     model = LongLLaVA(DEFAULT_CONFIG.model_copy(update={"attn_layer_offset": recipe.attn_offset}))
@@ -246,6 +302,7 @@ def train(recipe: Recipe, steps: int, seed: int) -> dict:
     return {**asdict(recipe), "seed": seed, "steps": steps, "seconds": round(time.perf_counter() - began, 1),
             "learned_at": learned, "final_loss": final, "hit_rate": hit, "distinct_clicks": distinct,
             "attention_follows": None if recipe.text else attention_follows(model, tower, recipe),
+            "query_holds_label": query_holds_label(model, tower, recipe),
             "losses": [round(v, 4) for v in losses]}
 
 
@@ -257,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alone-steps", type=int, default=0, help="first steps with only the named button shown")
     parser.add_argument("--question-first", action="store_true")
     parser.add_argument("--echo", action="store_true")
+    parser.add_argument("--name-first", action="store_true", help='answer click("Save", x, y)')
     parser.add_argument("--second-turn", action="store_true")
     parser.add_argument("--text", action="store_true", help="the toolbar as a line of text, with no image")
     parser.add_argument("--attn-offset", type=int, default=DEFAULT_CONFIG.attn_layer_offset)
@@ -265,16 +323,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset,
-                      args.lr, args.text) for design in args.designs]
+                      args.lr, args.text, args.name_first) for design in args.designs]
     rows = [train(recipe, args.steps, seed) for recipe in recipes for seed in args.seeds]
     print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit "
-          "| distinct clicks per toolbar (blind: 1, following: 3) | attention picks the named button (blind: 33%) |")
-    print("|---|---|---|---|---|---|---|")
+          "| distinct clicks per toolbar (blind: 1, following: 3) | attention picks the named button (blind: 33%) "
+          "| the query holds the named label (chance: 5%) |")
+    print("|---|---|---|---|---|---|---|---|")
     for recipe in recipes:
         runs = [r for r in rows if r["design"] == recipe.design]
-        hit, distinct = (statistics.median(r[key] for r in runs) for key in ("hit_rate", "distinct_clicks"))
+        hit, distinct, query = (statistics.median(r[key] for r in runs)
+                                for key in ("hit_rate", "distinct_clicks", "query_holds_label"))
         follows = "" if recipe.text else f"{statistics.median(r['attention_follows'] for r in runs):.0%}"
-        print(f"| {recipe} | {over_seeds(runs)} | {hit:.0%} | {distinct:.2f} | {follows} |")
+        print(f"| {recipe} | {over_seeds(runs)} | {hit:.0%} | {distinct:.2f} | {follows} | {query:.0%} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -2,6 +2,9 @@
 
     click(x, y)      x and y are integers in 0..1000, relative to the screenshot's
                      width and height (the UI-TARS v1 / CogAgent / OS-Atlas convention)
+    click("name", x, y)  the same click, naming what it means to hit first: a model that
+                     writes the name has it at hand when it writes the point (see
+                     docs/benchmarks.md); an env scores the point alone
     type("text")     type text into the focused field
     scroll(dx, dy)   integers in -1000..1000 (a screen's span); positive dy scrolls down,
                      positive dx scrolls right
@@ -37,6 +40,7 @@ SCROLL_MAX = 1000  # scroll amounts run over -SCROLL_MAX..SCROLL_MAX
 class Click:
     x: int
     y: int
+    target: str = ""  # what the click means to hit, as click("target", x, y) writes it
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ _CALL = re.compile(r"\s*([a-z]+)\s*\((.*)\)\s*", re.DOTALL)
 # most keeps int() far from Python's limit on digit strings.
 _TWO_INTS = re.compile(r"\s*([+-]?[0-9]{1,9})\s*,\s*([+-]?[0-9]{1,9})\s*")
 _ONE_STRING = re.compile(r'\s*("(?:[^"\\]|\\.)*")\s*', re.DOTALL)
+_STRING_TWO_INTS = re.compile(r'\s*("(?:[^"\\]|\\.)*")\s*,\s*([+-]?[0-9]{1,9})\s*,\s*([+-]?[0-9]{1,9})\s*', re.DOTALL)
 _NOTHING = re.compile(r"\s*")
 
 
@@ -83,23 +88,22 @@ def parse_action(text: str) -> Action | None:
     if call is None:
         return None
     verb, args = call.groups()
-    if verb in ("click", "scroll"):
+    if verb == "click" and (named := _STRING_TWO_INTS.fullmatch(args)):
+        target, click = _string(named[1]), _click(named[2], named[3])
+        return Click(click.x, click.y, target) if click and target else None
+    if verb == "click":
+        numbers = _TWO_INTS.fullmatch(args)
+        return _click(numbers[1], numbers[2]) if numbers else None
+    if verb == "scroll":
         numbers = _TWO_INTS.fullmatch(args)
         if numbers is None:
             return None
-        a, b = int(numbers[1]), int(numbers[2])
-        if verb == "scroll":
-            return Scroll(a, b) if abs(a) <= SCROLL_MAX and abs(b) <= SCROLL_MAX else None
-        in_range = 0 <= a <= COORDINATE_MAX and 0 <= b <= COORDINATE_MAX
-        return Click(a, b) if in_range else None
+        dx, dy = int(numbers[1]), int(numbers[2])
+        return Scroll(dx, dy) if abs(dx) <= SCROLL_MAX and abs(dy) <= SCROLL_MAX else None
     if verb in ("type", "key", "answer"):
         literal = _ONE_STRING.fullmatch(args)
-        if literal is None:
-            return None
-        try:
-            value = json.loads(literal[1], strict=False)  # strict=False admits raw newlines
-            value.encode("utf-8")  # a lone surrogate (from a \ud800 escape) cannot be typed
-        except ValueError:  # UnicodeEncodeError included
+        value = _string(literal[1]) if literal else None
+        if value is None:
             return None
         if verb == "type":
             return TypeText(value)
@@ -111,11 +115,28 @@ def parse_action(text: str) -> Action | None:
     return None
 
 
+def _click(x: str, y: str) -> Click | None:
+    x, y = int(x), int(y)
+    return Click(x, y) if 0 <= x <= COORDINATE_MAX and 0 <= y <= COORDINATE_MAX else None
+
+
+def _string(literal: str) -> str | None:
+    """A JSON string literal's text, or None if it cannot be read or typed."""
+    try:
+        value = json.loads(literal, strict=False)  # strict=False admits raw newlines
+        value.encode("utf-8")  # a lone surrogate (from a \ud800 escape) cannot be typed
+    except ValueError:  # UnicodeEncodeError included
+        return None
+    return value
+
+
 def format_action(action: Action) -> str:
     """The canonical text of `action`."""
     match action:
-        case Click(x, y):
+        case Click(x, y, ""):
             return f"click({x}, {y})"
+        case Click(x, y, target):
+            return f"click({_quote(target)}, {x}, {y})"
         case Scroll(dx, dy):
             return f"scroll({dx}, {dy})"
         case TypeText(text):

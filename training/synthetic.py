@@ -121,7 +121,7 @@ def screen_questions(task: str, ep: Episode, t: int) -> list[tuple[str, str]]:
         out.append(("What is the access code?", panels[0].label))
     if task == "ClickTarget" and screen.title == "Toolbar":
         for p in panels:
-            out.append((f'Click the "{p.label}" button.', format_action(Click(*_centre(p.box)))))
+            out.append((f'Click the "{p.label}" button.', format_action(Click(*_centre(p.box), p.label))))
     if screen.title == "Note":
         out.append(("Which button does the note name?", panels[0].label.split('"')[1]))
     if icons and screen.title == "Monitor":

@@ -4,6 +4,8 @@ A perception check with short memory. With `memory_span` 0 (the default) the que
 screen itself names the button. With a longer span a note names it first, toolbars of
 other buttons follow, and the question screen asks for "the button from the note".
 The random baseline clicks anywhere, so its chance is one button's share of the screen.
+The solution names the button before its centre, `click("Save", x, y)`; a click is scored
+by its point alone, so `click(x, y)` at the same point is right too.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ class ClickTargetEnv(ScreenEnv):
 
     @staticmethod
     def _click_on(button: Panel) -> Click:
+        """A click at the button's centre that names it: click("Save", x, y)."""
         x0, y0, x1, y1 = button.box
-        return Click((x0 + x1) // 2, (y0 + y1) // 2)
+        return Click((x0 + x1) // 2, (y0 + y1) // 2, button.label)
 
     def _sampler(self) -> Sampler:
         return uniform_click

@@ -32,6 +32,7 @@ coordinates = st.integers(0, 1000)
 amounts = st.integers(-1000, 1000)
 actions = st.one_of(
     st.builds(Click, x=coordinates, y=coordinates),
+    st.builds(Click, x=coordinates, y=coordinates, target=st.text()),
     st.builds(TypeText, text=st.text()),
     st.builds(Scroll, dx=amounts, dy=amounts),
     st.builds(Key, name=st.text(min_size=1)),
@@ -53,8 +54,8 @@ adversarial = st.lists(
 def to_envs(action):
     """The same action as envs.actions spells it."""
     match action:
-        case Click(x=x, y=y):
-            return env_actions.Click(x, y)
+        case Click(x=x, y=y, target=target):
+            return env_actions.Click(x, y, target)
         case TypeText(text=text):
             return env_actions.TypeText(text)
         case Scroll(dx=dx, dy=dy):
@@ -106,6 +107,7 @@ beyond = st.integers(-(10**9) + 1, 10**9 - 1) | st.integers(-1002, 1002)
 texts = st.text() | st.text().map(lambda t: t + "\ud800") | st.just("")
 canonical = st.one_of(
     st.builds("click({}, {})".format, beyond, beyond),
+    st.builds(lambda t, x, y: f"click({json.dumps(t)}, {x}, {y})", texts, beyond, beyond),
     st.builds("scroll({}, {})".format, beyond, beyond),
     *(st.builds(lambda v, verb=verb: f"{verb}({json.dumps(v)})", texts) for verb in ("type", "key", "answer")),
     st.just("wait()"),
@@ -153,6 +155,8 @@ def test_adversarial_text_parses_or_falls_back(text):
         ('type("\\ud800")', "surrogates not allowed"),
         ('key("")', "at least 1"),
         ("click(1, 2, 3)", "no action call found"),
+        ('click("", 1, 2)', "names no target"),
+        ('click("Save", 1, 2000)', "less than or equal to 1000"),
         ("wait(now)", "no action call found"),
     ],
 )

@@ -23,6 +23,8 @@ from envs.actions import (
     [
         ("click(12, 999)", Click(12, 999)),
         ("  click ( 0 ,1000 )\n", Click(0, 1000)),
+        ('click("Save", 264, 802)', Click(264, 802, "Save")),
+        ('click ( "a, \\"b\\"" ,0, 1000 )', Click(0, 1000, 'a, "b"')),
         ('type("hello, \\"world\\"")', TypeText('hello, "world"')),
         ('type("two\nlines")', TypeText("two\nlines")),
         ("scroll(-3, 5)", Scroll(-3, 5)),
@@ -44,6 +46,7 @@ def test_parses_the_grammar(text, action):
         "click(١, ٢)",  # non-ASCII digits
         "click(" + "9" * 5000 + ", 1)",  # longer than int() accepts
         "type(hello)", "type('hello')", 'type("unterminated)', 'type("a" "b")', 'type("\\x41")',
+        'click("", 1, 2)', 'click("Save", 1001, 2)', "click(Save, 1, 2)", 'click("Save", 1)', 'click(1, 2, "Save")',
         'key("")', "scroll(1001, 0)", "scroll(0, -1001)", 'type("\\ud800")', "Click(1, 2)", "click(1, 2) wait()", 'answer("a"))', "scroll(1)", None, 42,
     ],
 )
@@ -52,7 +55,7 @@ def test_malformed_text_gives_none(text):
 
 
 actions = st.one_of(
-    st.builds(Click, st.integers(0, 1000), st.integers(0, 1000)),
+    st.builds(Click, st.integers(0, 1000), st.integers(0, 1000), st.text()),
     st.builds(TypeText, st.text()),
     st.builds(Scroll, st.integers(-1000, 1000), st.integers(-1000, 1000)),
     st.builds(Key, st.text(min_size=1)),

@@ -118,9 +118,14 @@ def test_rejects_bad_settings(kwargs):
 
 def test_click_target_scores_by_where_the_click_lands():
     env = gym.make("longllava/ClickTarget-v0", difficulty="hard")
-    _, info = env.reset(seed=4)
+    observation, info = env.reset(seed=4)
     right = parse_action(info["solution"])
+    assert info["solution"] == f'click("{right.target}", {right.x}, {right.y})'
+    assert f'"{right.target}"' in observation["instruction"]  # the solution names the button asked for
     _, reward, *_ = env.step(f"click({right.x}, {right.y})")
+    assert reward == RIGHT
+    env.reset(seed=4)
+    _, reward, *_ = env.step(f'click("a wrong name", {right.x}, {right.y})')  # the point is scored, not the name
     assert reward == RIGHT
     env.reset(seed=4)
     _, reward, *_ = env.step(f"click({1000 - right.x}, {1000 - right.y})")
