@@ -181,11 +181,11 @@ def each_button(k: int, recipe: Recipe) -> list[Toolbar]:
 @torch.no_grad()
 def clicks(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> tuple[float, float]:
     """Greedy answers to every question of ``n`` held-out toolbars (one per button): the
-    share whose click hits the named button, and the distinct clicks per toolbar, which is
-    1 when the answer ignores the question and 3 when it follows it."""
+    share whose click hits the named button, and the distinct points clicked per toolbar,
+    which is 1 when the click ignores the question and 3 when it follows it."""
     hit, distinct = 0, 0
     for k in range(n):
-        answers = []
+        points = set()  # where the clicks land: a name that changes with the question is not a choice
         for bar in each_button(k, recipe):
             embeds, out = prompt_embeds(model, tower, bar, recipe), []
             for _ in range(32):
@@ -193,10 +193,11 @@ def clicks(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> 
                 if out[-1] == DEFAULT_CONFIG.eos_token_id:
                     break
                 embeds = torch.cat([embeds, model.llm.embed_tokens(torch.tensor(out[-1:]))])
-            answers.append(TOKENIZER.decode(out, skip_special=True).split(": ")[-1])
-            action = parse_action(answers[-1])
+            answer = TOKENIZER.decode(out, skip_special=True).split(": ")[-1]
+            action = parse_action(answer)
             hit += isinstance(action, Click) and hits(bar.target, action, SIZE, SIZE)
-        distinct += len(set(answers))
+            points.add((action.x, action.y) if isinstance(action, Click) else answer)
+        distinct += len(points)
     return hit / (3 * n), distinct / n
 
 
