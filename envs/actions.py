@@ -89,8 +89,8 @@ def parse_action(text: str) -> Action | None:
         return None
     verb, args = call.groups()
     if verb == "click" and (named := _STRING_TWO_INTS.fullmatch(args)):
-        target, click = _string(named[1]), _click(named[2], named[3])
-        return Click(click.x, click.y, target) if click and target else None
+        target = _string(named[1])
+        return _click(named[2], named[3], target) if target else None
     if verb == "click":
         numbers = _TWO_INTS.fullmatch(args)
         return _click(numbers[1], numbers[2]) if numbers else None
@@ -115,9 +115,9 @@ def parse_action(text: str) -> Action | None:
     return None
 
 
-def _click(x: str, y: str) -> Click | None:
+def _click(x: str, y: str, target: str = "") -> Click | None:
     x, y = int(x), int(y)
-    return Click(x, y) if 0 <= x <= COORDINATE_MAX and 0 <= y <= COORDINATE_MAX else None
+    return Click(x, y, target) if 0 <= x <= COORDINATE_MAX and 0 <= y <= COORDINATE_MAX else None
 
 
 def _string(literal: str) -> str | None:
