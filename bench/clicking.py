@@ -2,7 +2,7 @@
 
     python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
         [--question-first] [--echo] [--name-first] [--second-turn] [--attn-offset 4] [--text] [--lr 2e-3]
-        [--out docs/bench/clicking.json]
+        [--text-first 400] [--attend 1.0] [--out docs/bench/clicking.json] [--save DIR]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
 the question names. The demo model never learnt it, so this bench takes the vision tower
@@ -33,9 +33,12 @@ nothing to choose), ``--question-first`` puts the question before the image, ``-
 has the answer name the button before it clicks ('Save: click(x, y)'), ``--name-first``
 inside the click, just before the point ('click("Save", x, y)'), ``--second-turn`` asks a toolbar of
 three for another of its buttons after the named one, ``--attn-offset`` moves the
-LLM's one attention layer (the embedded config's is at layer 1; Jamba's at 4), and
+LLM's one attention layer (the embedded config's is at layer 1; Jamba's at 4),
 ``--text`` shows no image but the toolbar as a line of text (each button's label letters
-and centre), which takes the image tokens out of the question too.
+and centre), which takes the image tokens out of the question too, ``--text-first``
+trains that many steps on such text before the images (does a lookup learnt on text
+carry over?), and ``--attend`` adds a loss that tells one head where the named button
+is (supervised attention, as grounding models supervise a pointer).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from envs.actions import Click, format_action, parse_action
 from envs.render import Panel, hits
 from envs.tasks.click_target import LABELS
 from model.default import DEFAULT_CONFIG
+from model.checkpoint import save_checkpoint
 from model.llm import Attention
 from model.longllava import LongLLaVA
 from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, IMAGE_TOKEN_INDEX, user_turn
@@ -84,6 +88,8 @@ class Recipe:
     lr: float = 2e-3
     text: bool = False  # no image: the toolbar as a line of text, 'Save 315,245; Open 612,300; ...'
     name_first: bool = False  # the answer names the button inside the click: 'click("Save", x, y)'
+    text_first: int = 0  # first steps with the toolbar as text (three buttons), before any image
+    attend: float = 0.0  # weight of a loss that pulls one head's attention onto the named button (``attend_loss``)
 
 
 @dataclass(frozen=True)
@@ -147,12 +153,15 @@ def as_text(cells: list[str]) -> str:
     return "; ".join(f"{label} {centre[:3]},{centre[3:]}" for label, centre in named if label)
 
 
-def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BATCH`` training toolbars (seeds below ``EVAL_SEED``), right-padded: embeddings and labels."""
-    rows = []
-    for _ in range(BATCH):
+def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool):
+    """``BATCH`` training toolbars (seeds below ``EVAL_SEED``), right-padded: embeddings,
+    labels, and the (query, key) positions that ``attend_loss`` pairs."""
+    rows, pairs = [], []
+    for i in range(BATCH):
         bar = toolbar(data_seed(9, rng.randrange(50_000)), recipe, alone)
         prompt = prompt_embeds(model, tower, bar, recipe)
+        if not recipe.text:
+            pairs += [(i, q, k) for q, k in _lookups(bar, recipe, prompt.shape[0])]
         ids = tokenize_prompt(TOKENIZER, bar.answer + EOS_TOKEN)
         labels = [-100] * prompt.shape[0] + ids
         for question, answer in bar.more:
@@ -165,7 +174,32 @@ def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool) -> tupl
     labels = torch.full((BATCH, width), -100)
     for i, (_, row) in enumerate(rows):
         labels[i, : len(row)] = torch.tensor(row)  # position t predicts t + 1
-    return embeds, labels
+    return embeds, labels, pairs
+
+
+def _lookups(bar: Toolbar, recipe: Recipe, prompt_length: int) -> list[tuple[int, list[int]]]:
+    """The positions that write the click's point, each with the image positions of the
+    named button (the cells that hold its label and centre)."""
+    start = prompt_ids(bar, recipe).index(IMAGE_TOKEN_INDEX)
+    keys = [start + c for c, cell in enumerate(bar.cells)
+            if cell[CENTRE_SLOTS] == centre_code(bar.target) and cell[LABEL_SLOTS].strip()]
+    first_digit = re.search("[0-9]", bar.answer).start()
+    return [(prompt_length + b - 1, keys) for b in range(first_digit, len(bar.answer) - 1)] if keys else []
+
+
+def attend_loss(attn: Attention, x: torch.Tensor, pairs: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+    """Supervised attention: at each position that writes the point, minus the log of the
+    share of head 0's attention on the named button's tokens, averaged over ``pairs`` (row,
+    position, positions). ``x [batch, L, hidden]`` is what the attention layer reads."""
+    q, k, _ = attn._qkv(x)
+    rows, queries = torch.tensor([i for i, _, _ in pairs]), torch.tensor([t for _, t, _ in pairs])
+    scores = (q[rows, 0, queries].unsqueeze(1) @ k[rows, 0].transpose(1, 2)).squeeze(1) / attn.head_dim**0.5
+    future = torch.arange(x.shape[1])[None] > queries[:, None]
+    weights = torch.softmax(scores.masked_fill(future, -torch.inf), -1)
+    named = torch.zeros_like(weights, dtype=torch.bool)
+    for p, (_, _, keys) in enumerate(pairs):
+        named[p, keys] = True
+    return -torch.log((weights * named).sum(-1) + 1e-6).mean()
 
 
 def each_button(k: int, recipe: Recipe) -> list[Toolbar]:
@@ -179,14 +213,16 @@ def each_button(k: int, recipe: Recipe) -> list[Toolbar]:
 
 
 @torch.no_grad()
-def clicks(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> tuple[float, float]:
+def clicks(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> dict[str, float]:
     """Greedy answers to every question of ``n`` held-out toolbars (one per button): the
-    share whose click hits the named button, and the distinct points clicked per toolbar,
-    which is 1 when the click ignores the question and 3 when it follows it."""
-    hit, distinct = 0, 0
+    share whose click hits the named button, that lands on another of the toolbar's
+    buttons instead, and that names the asked button; and the distinct points clicked per
+    toolbar, which is 1 when the click ignores the question and 3 when it follows it."""
+    hit = other = named = distinct = 0
     for k in range(n):
         points = set()  # where the clicks land: a name that changes with the question is not a choice
-        for bar in each_button(k, recipe):
+        bars = each_button(k, recipe)
+        for bar in bars:
             embeds, out = prompt_embeds(model, tower, bar, recipe), []
             for _ in range(32):
                 out.append(int(model.llm.head(model.llm.forward_batch(embeds[None]))[0, -1].argmax()))
@@ -195,10 +231,15 @@ def clicks(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> 
                 embeds = torch.cat([embeds, model.llm.embed_tokens(torch.tensor(out[-1:]))])
             answer = TOKENIZER.decode(out, skip_special=True).split(": ")[-1]
             action = parse_action(answer)
-            hit += isinstance(action, Click) and hits(bar.target, action, SIZE, SIZE)
+            if isinstance(action, Click):
+                hit += hits(bar.target, action, SIZE, SIZE)
+                other += any(hits(b.target, action, SIZE, SIZE) for b in bars if b.target != bar.target)
+                named += f'"{action.target}"' in bar.question
             points.add((action.x, action.y) if isinstance(action, Click) else answer)
         distinct += len(points)
-    return hit / (3 * n), distinct / n
+    asked = 3 * n
+    return {"hit_rate": hit / asked, "other_button_rate": other / asked, "names_asked_rate": named / asked,
+            "distinct_clicks": distinct / n}
 
 
 @torch.no_grad()
@@ -279,32 +320,43 @@ def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 400) -> 
     return (probe(x[fit:]).argmax(1) == y[fit:]).float().mean().item()
 
 
-def train(recipe: Recipe, steps: int, seed: int) -> dict:
+def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> dict:
     torch.manual_seed(seed)
     model = LongLLaVA(DEFAULT_CONFIG.model_copy(update={"attn_layer_offset": recipe.attn_offset}))
     tower = IdealTower(CELL_SLOTS, DEFAULT_CONFIG.mm_hidden_size)
     params = [*model.projector.parameters(), *model.llm.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr)
     rng, losses, began = random.Random(seed), [], time.perf_counter()
+    layer, read, attended = model.llm.layers[recipe.attn_offset], [], []
+    layer.input_layernorm.register_forward_hook(lambda module, args, out: read.append(out) if module.training else None)
     for step in range(1, steps + 1):
         optimizer.param_groups[0]["lr"] = recipe.lr * min(1.0, step / WARMUP)
-        embeds, labels = batch(model, tower, rng, recipe, step <= recipe.alone_steps)
+        shown = replace(recipe, text=True) if step <= recipe.text_first else recipe
+        alone = recipe.text_first < step <= recipe.text_first + recipe.alone_steps
+        embeds, labels, pairs = batch(model, tower, rng, shown, alone)
+        read.clear()
         logits = model.llm.head(model.llm.forward_batch(embeds))
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        total = loss
+        if recipe.attend and pairs:
+            attended.append(attend_loss(layer.self_attn, read[0], pairs))
+            total = loss + recipe.attend * attended[-1]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(loss.item())
         if step % 50 == 0:
             print(f"{recipe} seed {seed} step {step}: loss {statistics.fmean(losses[-50:]):.3f}", flush=True)
     learned, final = learning(losses, LEARNED)
-    hit, distinct = clicks(model.eval(), tower, recipe)
+    if save:
+        save_checkpoint(model, save / f"{recipe.design}-seed{seed}")
+    scores = clicks(model.eval(), tower, recipe)
     return {**asdict(recipe), "seed": seed, "steps": steps, "seconds": round(time.perf_counter() - began, 1),
-            "learned_at": learned, "final_loss": final, "hit_rate": hit, "distinct_clicks": distinct,
+            "learned_at": learned, "final_loss": final, **scores,
             "attention_follows": None if recipe.text else attention_follows(model, tower, recipe),
             "query_holds_label": query_holds_label(model, tower, recipe),
-            "losses": [round(v, 4) for v in losses]}
+            "losses": [round(v, 4) for v in losses], "attend_losses": [round(v.item(), 4) for v in attended]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,12 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", action="store_true", help="the toolbar as a line of text, with no image")
     parser.add_argument("--attn-offset", type=int, default=DEFAULT_CONFIG.attn_layer_offset)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--text-first", type=int, default=0, help="first steps with the toolbar as text")
+    parser.add_argument("--attend", type=float, default=0.0, help="weight of the supervised-attention loss")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--save", type=Path, help="a folder for the trained models (the LongLLaVA layout)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset,
-                      args.lr, args.text, args.name_first) for design in args.designs]
-    rows = [train(recipe, args.steps, seed) for recipe in recipes for seed in args.seeds]
+                      args.lr, args.text, args.name_first, args.text_first, args.attend) for design in args.designs]
+    rows = [train(recipe, args.steps, seed, args.save) for recipe in recipes for seed in args.seeds]
     print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit "
           "| distinct clicks per toolbar (blind: 1, following: 3) | attention picks the named button (blind: 33%) "
           "| the query holds the named label (chance: 5%) |")
