@@ -339,8 +339,9 @@ def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> di
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         total = loss
         if recipe.attend and pairs:
-            attended.append(attend_loss(layer.self_attn, read[0], pairs))
-            total = loss + recipe.attend * attended[-1]
+            attend = attend_loss(layer.self_attn, read[0], pairs)
+            total = loss + recipe.attend * attend
+            attended.append(attend.item())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -356,7 +357,7 @@ def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> di
             "learned_at": learned, "final_loss": final, **scores,
             "attention_follows": None if recipe.text else attention_follows(model, tower, recipe),
             "query_holds_label": query_holds_label(model, tower, recipe),
-            "losses": [round(v, 4) for v in losses], "attend_losses": [round(v.item(), 4) for v in attended]}
+            "losses": [round(v, 4) for v in losses], "attend_losses": [round(v, 4) for v in attended]}
 
 
 def main(argv: list[str] | None = None) -> int:
