@@ -61,8 +61,8 @@ from bench.copying import learning, over_seeds
 from envs.actions import Click, format_action, parse_action
 from envs.render import Panel, hits
 from envs.tasks.click_target import LABELS
-from model.default import DEFAULT_CONFIG
 from model.checkpoint import save_checkpoint
+from model.default import DEFAULT_CONFIG
 from model.llm import Attention
 from model.longllava import LongLLaVA
 from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, IMAGE_TOKEN_INDEX, user_turn
@@ -155,12 +155,12 @@ def as_text(cells: list[str]) -> str:
 
 def batch(model, tower, rng: random.Random, recipe: Recipe, alone: bool):
     """``BATCH`` training toolbars (seeds below ``EVAL_SEED``), right-padded: embeddings,
-    labels, and the (query, key) positions that ``attend_loss`` pairs."""
+    labels, and (with ``recipe.attend``) the (query, key) positions that ``attend_loss`` pairs."""
     rows, pairs = [], []
     for i in range(BATCH):
         bar = toolbar(data_seed(9, rng.randrange(50_000)), recipe, alone)
         prompt = prompt_embeds(model, tower, bar, recipe)
-        if not recipe.text:
+        if recipe.attend and not recipe.text:
             pairs += [(i, q, k) for q, k in _lookups(bar, recipe, prompt.shape[0])]
         ids = tokenize_prompt(TOKENIZER, bar.answer + EOS_TOKEN)
         labels = [-100] * prompt.shape[0] + ids
@@ -327,8 +327,10 @@ def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> di
     params = [*model.projector.parameters(), *model.llm.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr)
     rng, losses, began = random.Random(seed), [], time.perf_counter()
-    layer, read, attended = model.llm.layers[recipe.attn_offset], [], []
-    layer.input_layernorm.register_forward_hook(lambda module, args, out: read.append(out) if module.training else None)
+    layer, read, attended = model.llm.layers[recipe.attn_offset], [], []  # what the attention layer reads
+    if recipe.attend:
+        layer.input_layernorm.register_forward_hook(
+            lambda module, args, out: read.append(out) if module.training else None)
     for step in range(1, steps + 1):
         optimizer.param_groups[0]["lr"] = recipe.lr * min(1.0, step / WARMUP)
         shown = replace(recipe, text=True) if step <= recipe.text_first else recipe
@@ -338,7 +340,7 @@ def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> di
         logits = model.llm.head(model.llm.forward_batch(embeds))
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         total = loss
-        if recipe.attend and pairs:
+        if pairs:
             attend = attend_loss(layer.self_attn, read[0], pairs)
             total = loss + recipe.attend * attend
             attended.append(attend.item())
