@@ -96,7 +96,8 @@ FALLBACK = Wait()
 
 GRAMMAR_HELP = (
     "Reply with one action: click(x, y) with x and y from 0 to 1000 across the screenshot's "
-    'width and height, type("text"), scroll(dx, dy), key("name"), wait(), or answer("text").'
+    'width and height, or click("name", x, y) naming what it clicks, type("text"), scroll(dx, dy), '
+    'key("name"), wait(), or answer("text").'
 )
 
 

@@ -25,8 +25,8 @@ The tower's slot design varies (``training.synthetic.cell_slots``):
 - ``nearest``: every cell also carries the label's first letters and the centre of the
   labelled panel nearest to it (inside it, for the cells it covers), so the key (the
   label) and the value (the centre) sit in the same tokens, and in many of them;
-- ``near``: the same, but the label only in the cells within about half a cell of a
-  panel, unless the panel is the screen's only one (the demo recipe's tower).
+- ``near``: the same, but only in the cells within about half a cell of a panel,
+  unless the panel is the screen's only one (the demo recipe's tower).
 
 So does the recipe: ``--alone-steps`` first shows the named button alone (a copy with
 nothing to choose), ``--question-first`` puts the question before the image, ``--echo``

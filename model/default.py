@@ -37,6 +37,7 @@ DEFAULT_CONFIG = LongLLaVAConfig(
     num_key_value_heads=2,
     num_experts=4,
     num_experts_per_tok=2,
+    mamba_d_state=8,  # half Jamba's 16: a CPU training step 1.26x to 1.44x faster (bench/train_throughput.py)
     mm_hidden_size=128,
     image_tokens=36,
     image_mean=SCREEN_MEAN,

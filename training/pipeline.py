@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 PERCEPTION = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.3, "OrderEvents": 0.3, "NeedleFrame": 0.3}
 READING = {"RecallCode": 1.0, "ClickTarget": 1.0, "CountEvents": 0.15, "OrderEvents": 0.15, "NeedleFrame": 0.15}
-CLICK_ALONE_SHARE = 0.3  # of the ``click`` run's toolbars, those that show the named button alone
+CLICK_ALONE_SHARE = 0.2  # of the ``click`` run's toolbars, those that show the named button alone
 SEQUENCE = {"RecallCode": 1.0, "ClickTarget": 0.5, "OrderEvents": 0.3, "CountEvents": 0.3, "NeedleFrame": 0.3}
 
 
@@ -125,13 +125,13 @@ PRESETS = {
     ),
     "demo": Preset(
         architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, codes=6000, questions=8000, sequences=600,
-        recalls=2000, clicks=6000, texts=300,
+        recalls=2000, clicks=10000, texts=300,
         trajectories=(
             Episodes("RecallCode", 500, (1, 2, 4, 8, 16)), Episodes("ClickTarget", 400, (0,)),
             Episodes("OrderEvents", 48, (4,)), Episodes("CountEvents", 48, (4,)), Episodes("NeedleFrame", 48, (6,)),
         ),
         toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
-        steps={"align": 40, "read": 700, "click": 700, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
+        steps={"align": 40, "read": 700, "click": 1300, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
         batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
     ),
 }
@@ -221,7 +221,7 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # left the plateau by step 550 and jumped back at 570 for good (docs/benchmarks.md)
         ("read", "single", [source("codes")], {}),
         # then one more: toolbars, a share with the named button alone (see ``clicks``)
-        ("click", "single", [source("clicks"), source("codes", 0.2)], {}),
+        ("click", "single", [source("clicks"), source("codes", 0.3)], {}),
         # stage 2 at a quarter of the rate, with the codes replayed: at the full rate its
         # question mix erased the copy that ``read`` had learnt (docs/benchmarks.md)
         ("single", "single", [source("questions"), source("codes", 0.3), source("clicks", 0.3)], {"lr": preset.lr / 4}),

@@ -165,16 +165,17 @@ def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> 
       of four): a slot depends on pixels at a fixed place, which a patch tower learns
       quickly (whole strings per cell were learnt at chance level);
     - the colour's initial and shape code of an icon centred in the cell;
-    - the centre, in the action grammar's units, of the labelled panel nearest the cell
-      (the one it lies in, if any), and that panel's label's first letters if the cell
-      lies within ``reach`` of it or it is the screen's only one: where to click it and
-      what it is called, in the same token. A click needs both, and an LLM learns the
-      lookup from tokens that hold the key beside the value far sooner than from one
-      token per button, and the copy of a lone button's centre soonest when every token
-      holds it (``bench/clicking.py``). ``reach=math.inf`` names the nearest panel in
-      every cell (the weights of session 17), which kept a tower from reading a toolbar's
-      labels; ``reach=None`` puts a panel's centre only in the cell that holds it, and no
-      label (the towers before); docs/benchmarks.md has each one's results."""
+    - the centre, in the action grammar's units, and the label's first letters of the
+      labelled panel nearest the cell (the one it lies in, if any), if the cell lies
+      within ``reach`` of it or it is the screen's only one: where to click it and what
+      it is called, in the same token. A click needs both, and an LLM learns the lookup
+      from tokens that hold the key beside the value far sooner than from one token per
+      button, and the copy of a lone button's centre soonest when every token holds it
+      (``bench/clicking.py``). The far cells hold neither: a tower whose every cell names
+      a centre spends itself on those and never reads a toolbar's labels, one that names
+      them near a button only reads most of them (docs/benchmarks.md, sessions 17-18).
+      ``reach=math.inf`` names the nearest panel in every cell; ``reach=None`` puts a
+      panel's centre only in the cell that holds it, and no label (the towers before)."""
     cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]
 
     def cell(x: float, y: float, scale: float) -> tuple[list[str], float, float]:
@@ -197,8 +198,8 @@ def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> 
         x, y = (k % side + 0.5) * 1000 / side, (k // side + 0.5) * 1000 / side
         if panels:
             panel = min(panels, key=lambda p: (_distance(p.box, x, y), math.dist(_centre(p.box), (x, y))))
-            slots[CENTRE_SLOTS] = centre_code(panel.box)
             if len(panels) == 1 or _distance(panel.box, x, y) < reach:
+                slots[CENTRE_SLOTS] = centre_code(panel.box)
                 slots[LABEL_SLOTS] = panel.label[:4].ljust(4)
     return ["".join(slots) for slots in cells]
 
