@@ -9,9 +9,14 @@
    toolbars alone (white button text on colour). This says whether the text is in the
    image tokens at all. It also counts the codes' layouts (which glyph slots they fill):
    one, since the code panel is monospace.
-2. **The whole model.** Single-screen questions in the training format (an access code,
-   a named button to click), answered greedily: codes right, clicks that hit. This says
-   whether the LLM reads the tokens.
+2. **The whole model.** Single-screen questions in the training format, answered
+   greedily: the access code (right or not), and each held-out toolbar asked for every
+   one of its buttons in turn, then for the named one shown alone. For the clicks: the
+   share that hit the asked button, that land on another of its buttons instead, and that
+   name the asked button (``click("Save", x, y)``); the distinct points a toolbar's
+   questions get (1 when the click ignores which button is asked, 3 when it follows it);
+   and the lone button's hits (the copy of a centre, with nothing to choose). This says
+   whether the LLM reads the tokens, and where a click goes wrong.
 
 A model whose tower reads but whose answers do not has its bottleneck in the LLM.
 """
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from envs.actions import Click, parse_action
-from envs.render import hits, render
+from envs.render import Panel, Screen, hits, render
 from model.checkpoint import load_checkpoint
 from model.default import default_model
 from model.longllava import LongLLaVA
@@ -36,10 +41,12 @@ from model.tokenizer import ByteTokenizer, tokenize_prompt
 from model.vision import preprocess_image
 from training.pipeline import EVAL_SEED
 from training.loss import image_features
-from training.synthetic import CENTRE_SLOTS, EMPTY, GLYPH_SLOTS, LABEL_SLOTS, SIZE, cell_slots, episode
+from training.synthetic import (CENTRE_SLOTS, EMPTY, GLYPH_SLOTS, LABEL_SLOTS, SIZE, cell_slots, episode, named_alone,
+                                screen_questions)
 from training.tower import SlotHead, slot_targets
 
 CODE_ROW = slice(18, 24)  # the cells of the access code's row on a 6x6 grid
+CLICK_TOKENS = 32  # enough for the longest named click, click("Refresh", 999, 999)
 
 
 def first_screens(n: int, seed: int):
@@ -116,21 +123,47 @@ def answer(model: LongLLaVA, image: Image.Image, question: str, tokenizer: ByteT
 
 def probe_answers(model: LongLLaVA, n: int) -> dict:
     tokenizer = ByteTokenizer()
-    codes = clicks = 0
-    for task, ep, image in first_screens(2 * n, EVAL_SEED):
-        if task == "RecallCode":
-            codes += answer(model, image, "What is the access code?", tokenizer) == ep.solution.text
-        else:
-            action = parse_action(answer(model, image, ep.screens[0].instruction, tokenizer))
-            clicks += isinstance(action, Click) and hits(ep.target, action, SIZE, SIZE)
-    return {"codes_answered": codes / n, "clicks_hit": clicks / n}
+    codes = 0
+    for k in range(n):
+        ep = episode("RecallCode", EVAL_SEED + k, difficulty="easy", memory_span=2)
+        codes += answer(model, picture(ep.screens[0]), "What is the access code?", tokenizer) == ep.solution.text
+    return {"codes_answered": codes / n} | probe_clicks(model, n, tokenizer)
+
+
+def probe_clicks(model: LongLLaVA, n: int, tokenizer: ByteTokenizer) -> dict:
+    """``n`` held-out toolbars, each asked for every button in turn, then for the named one alone."""
+    hit = other = named = distinct = alone = asked = 0
+    for k in range(n):
+        ep = episode("ClickTarget", EVAL_SEED + 500 + k, difficulty="easy")
+        screen = ep.screens[0]
+        buttons = [e for e in screen.elements if isinstance(e, Panel) and e.label]
+        points = set()
+        for button, (question, _) in zip(buttons, screen_questions("ClickTarget", ep, 0), strict=True):
+            action = parse_action(answer(model, picture(screen), question, tokenizer, CLICK_TOKENS))
+            clicked = isinstance(action, Click)
+            hit += clicked and hits(button.box, action, SIZE, SIZE)
+            other += clicked and any(hits(b.box, action, SIZE, SIZE) for b in buttons if b is not button)
+            named += clicked and action.target == button.label
+            points.add((action.x, action.y) if clicked else None)
+        asked += len(buttons)
+        distinct += len(points)
+        lone = named_alone(ep)
+        action = parse_action(answer(model, picture(lone), lone.instruction, tokenizer, CLICK_TOKENS))
+        alone += isinstance(action, Click) and hits(ep.target, action, SIZE, SIZE)
+    return {"clicks_hit": hit / asked, "clicks_other_button": other / asked, "clicks_name_asked": named / asked,
+            "distinct_points": distinct / n, "alone_hit": alone / n}
+
+
+def picture(screen: Screen) -> Image.Image:
+    return Image.fromarray(render(screen, SIZE, SIZE))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reading", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a checkpoint directory (default: the embedded model)")
     parser.add_argument("--screens", type=int, default=200, help="held-out screens for the tower probe")
-    parser.add_argument("--questions", type=int, default=40, help="held-out questions of each kind (0: the tower alone)")
+    parser.add_argument("--questions", type=int, default=40,
+                        help="held-out access codes, and toolbars asked for each button (0: the tower alone)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -138,12 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     result = probe_tower(model, 6 * args.screens, args.screens)
     if args.questions:
         result |= probe_answers(model, args.questions)
-    columns = {"code_layouts": "code layouts (slots used)", "glyph_slots": "glyph slots (linear probe)", "codes_whole": "codes whole (probe)",
+    columns = {"code_layouts": "code layouts (slots used)", "glyph_slots": "glyph slots (linear probe)",
+               "codes_whole": "codes whole (probe)",
                "centre_digits": "centre digits (probe)", "label_letters": "nearest label's letters (probe)",
-               "toolbar_glyphs": "glyph slots, toolbars only", "toolbar_labels": "label letters, toolbars only", "codes_answered": "codes answered", "clicks_hit": "clicks hit"}
+               "toolbar_glyphs": "glyph slots, toolbars only", "toolbar_labels": "label letters, toolbars only",
+               "codes_answered": "codes answered", "clicks_hit": "clicks hit the asked button",
+               "clicks_other_button": "land on another button", "clicks_name_asked": "name the asked button",
+               "distinct_points": "distinct points per toolbar (of 3)", "alone_hit": "lone button hit"}
     print("| " + " | ".join(columns[k] for k in result) + " |")
     print("|" + "---|" * len(result))
-    print("| " + " | ".join(f"{v}" if isinstance(v, int) else f"{v:.0%}" for v in result.values()) + " |")
+    print("| " + " | ".join(f"{v:.2f}" if k == "distinct_points" else f"{v}" if isinstance(v, int) else f"{v:.0%}"
+                         for k, v in result.items()) + " |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
