@@ -1,7 +1,7 @@
 """Training throughput: tokens per second through the training step (forward, backward,
 AdamW) of ``training.loss.LossModel``, on real screens.
 
-    python -m bench.train_throughput [--config demo|demo-state8|9b-layer] [--device cpu|cuda] [--steps 5] [--threads 1]
+    python -m bench.train_throughput [--config demo|demo-state16|9b-layer] [--device cpu|cuda] [--steps 5] [--threads 1]
 
 Two batch shapes, as the demo pipeline trains: 16 single-screen questions (about 110
 positions each, one 36-token image) and one 16-step RecallCode episode in the agent's
@@ -30,7 +30,7 @@ from envs.render import render
 
 CONFIGS = {
     "demo": DEFAULT_CONFIG,
-    "demo-state8": DEFAULT_CONFIG.model_copy(update=dict(mamba_d_state=8)),  # half the Mamba scan's states
+    "demo-state16": DEFAULT_CONFIG.model_copy(update=dict(mamba_d_state=16)),  # Jamba's, and the weights before 8
     "9b-layer": DEFAULT_CONFIG.model_copy(update=dict(
         hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, num_experts=1,
         mamba_dt_rank="auto", mm_hidden_size=1024,

@@ -1,6 +1,6 @@
 """The embedded demo model, end to end on a CPU:
 
-    python -m training.pipeline --preset demo --workers 2 --install   # about 57 min on 2 cores (docs/benchmarks.md)
+    python -m training.pipeline --preset demo --workers 2 --install   # about 54 min on 2 cores (docs/benchmarks.md)
     python -m training.pipeline --preset smoke                        # < 3 min: checks that the loss falls
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
@@ -259,6 +259,7 @@ def _per_worker(batch: int, workers: int) -> int:
 
 def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, workers: int = 1) -> dict:
     preset = PRESETS[preset_name]
+    commit = _commit()  # the tree the run starts from, not the one it ends in
     torch.set_num_threads(workers)  # the tower trains here, on as many cores as the workers would take
     began = time.perf_counter()
     runs = out / "runs"
@@ -294,7 +295,7 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
         "preset": preset_name,
         "seed": seed,
         "data_sha256": data_hash(files),
-        "commit": _commit(),
+        "commit": commit,
         "torch": torch.__version__,
         "stages": {name: {"seconds": timings.get(name), "first_loss": a, "last_loss": b} for name, (a, b) in losses.items()},
         "recipe": asdict(preset),
