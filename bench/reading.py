@@ -49,12 +49,16 @@ CODE_ROW = slice(18, 24)  # the cells of the access code's row on a 6x6 grid
 CLICK_TOKENS = 32  # enough for the longest named click, click("Refresh", 999, 999)
 
 
+def picture(screen: Screen) -> Image.Image:
+    return Image.fromarray(render(screen, SIZE, SIZE))
+
+
 def first_screens(n: int, seed: int):
     """``n`` first screens, alternately an access code and a toolbar, with their episodes."""
     for k in range(n):
         task, kwargs = ("RecallCode", {"memory_span": 2}) if k % 2 == 0 else ("ClickTarget", {})
         ep = episode(task, seed + k, difficulty="easy", **kwargs)
-        yield task, ep, Image.fromarray(render(ep.screens[0], SIZE, SIZE))
+        yield task, ep, picture(ep.screens[0])
 
 
 @torch.no_grad()
@@ -144,7 +148,8 @@ def probe_clicks(model: LongLLaVA, n: int, tokenizer: ByteTokenizer) -> dict:
             hit += clicked and hits(button.box, action, SIZE, SIZE)
             other += clicked and any(hits(b.box, action, SIZE, SIZE) for b in buttons if b is not button)
             named += clicked and action.target == button.label
-            points.add((action.x, action.y) if clicked else None)
+            if clicked:  # an answer that is no click lands nowhere, and is no choice either
+                points.add((action.x, action.y))
         asked += len(buttons)
         distinct += len(points)
         lone = named_alone(ep)
@@ -152,10 +157,6 @@ def probe_clicks(model: LongLLaVA, n: int, tokenizer: ByteTokenizer) -> dict:
         alone += isinstance(action, Click) and hits(ep.target, action, SIZE, SIZE)
     return {"clicks_hit": hit / asked, "clicks_other_button": other / asked, "clicks_name_asked": named / asked,
             "distinct_points": distinct / n, "alone_hit": alone / n}
-
-
-def picture(screen: Screen) -> Image.Image:
-    return Image.fromarray(render(screen, SIZE, SIZE))
 
 
 def main(argv: list[str] | None = None) -> int:

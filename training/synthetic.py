@@ -172,8 +172,9 @@ def cell_slots(screen: Screen, side: int, reach: float | None = LABEL_REACH) -> 
       from tokens that hold the key beside the value far sooner than from one token per
       button, and the copy of a lone button's centre soonest when every token holds it
       (``bench/clicking.py``). The far cells hold neither: a tower whose every cell names
-      a centre spends itself on those and never reads a toolbar's labels, one that names
-      them near a button only reads most of them (docs/benchmarks.md, sessions 17-18).
+      a centre spends itself on those and reads about a quarter of a toolbar's label
+      letters, one that names them near a button only reads most of them
+      (docs/benchmarks.md, sessions 17 to 19 and 23).
       ``reach=math.inf`` names the nearest panel in every cell; ``reach=None`` puts a
       panel's centre only in the cell that holds it, and no label (the towers before)."""
     cells = [[EMPTY] * CELL_SLOTS for _ in range(side * side)]

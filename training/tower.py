@@ -7,10 +7,11 @@ see. So the tower first learns to read on its own, densely, as a text-spotting m
 does: every pooled image token predicts what its cell of the screen shows, as a fixed
 row of slots (``training.synthetic.cell_slots``): each glyph in the slot of its place in
 the cell, an icon's colour and shape, and the label's first letters and the centre of
-the labelled panel nearest the cell. A glyph slot's answer depends on pixels at a fixed
-place, so one linear classifier per slot reads it off the token (targets that spell a
-whole element's text from any cell it touches stayed at chance level); the nearest
-panel's slots need the tower's attention across cells, as a detector's dense heads do.
+the labelled panel nearest the cell, where the cell lies near it or it is the screen's
+only one. A glyph slot's answer depends on pixels at a fixed place, so one linear
+classifier per slot reads it off the token (targets that spell a whole element's text
+from any cell it touches stayed at chance level); the nearest panel's slots need the
+tower's attention across cells, as a detector's dense heads do.
 The loss falls on every slot of every cell, with the slots that show something
 weighted up, since most show nothing. The head is thrown away afterwards.
 
