@@ -2,7 +2,7 @@
 
     python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
         [--question-first] [--echo] [--name-first] [--second-turn] [--attn-offset 4] [--text] [--lr 2e-3]
-        [--text-first 400] [--attend 1.0] [--out docs/bench/clicking.json] [--save DIR]
+        [--text-first 400] [--attend 1.0] [--tower CHECKPOINT] [--out docs/bench/clicking.json] [--save DIR]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
 the question names. The demo model never learnt it, so this bench takes the vision tower
@@ -38,7 +38,9 @@ LLM's one attention layer (the embedded config's is at layer 1; Jamba's at 4),
 and centre), which takes the image tokens out of the question too, ``--text-first``
 trains that many steps on such text before the images (does a lookup learnt on text
 carry over?), and ``--attend`` adds a loss that tells one head where the named button
-is (supervised attention, as grounding models supervise a pointer).
+is (supervised attention, as grounding models supervise a pointer). ``--tower`` puts a
+trained checkpoint's frozen tower in the ideal one's place: the same lookup from the
+tokens a real tower makes of the toolbar's pixels.
 """
 
 from __future__ import annotations
@@ -55,18 +57,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from bench.copying import learning, over_seeds
 from envs.actions import Click, format_action, parse_action
-from envs.render import Panel, hits
+from envs.render import Panel, Screen, hits, render
 from envs.tasks.click_target import LABELS
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.default import DEFAULT_CONFIG
 from model.llm import Attention
 from model.longllava import LongLLaVA
 from model.prompt import ASSISTANT_PREFIX, EOS_TOKEN, IMAGE_MARKUP, IMAGE_TOKEN_INDEX, user_turn
 from model.tokenizer import ByteTokenizer, tokenize_prompt
+from model.vision import preprocess_image
 from training.synthetic import (CELL_SLOTS, CENTRE_SLOTS, EVAL_SEED, LABEL_REACH, LABEL_SLOTS, SIZE, cell_slots,
                                 centre_code, data_seed, episode, named_alone, screen_questions)
 
@@ -90,11 +94,13 @@ class Recipe:
     name_first: bool = False  # the answer names the button inside the click: 'click("Save", x, y)'
     text_first: int = 0  # first steps with the toolbar as text (three buttons), before any image
     attend: float = 0.0  # weight of a loss that pulls one head's attention onto the named button (``attend_loss``)
+    tower: str = ""  # a checkpoint whose frozen vision tower makes the image tokens, instead of ``IdealTower``
 
 
 @dataclass(frozen=True)
 class Toolbar:
     cells: list[str]  # what each pooled token shows
+    screen: Screen
     question: str
     answer: str
     target: tuple[int, int, int, int]
@@ -110,7 +116,7 @@ def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
         question, answer = random.Random(seed).choice(screen_questions("ClickTarget", ep, 0)[1:])
         more = ((question, reply(recipe, parse_action(answer))),)
     cells = cell_slots(screen, SIDE, DESIGNS[recipe.design])
-    return Toolbar(cells, screen.instruction, reply(recipe, ep.solution), ep.target, more)
+    return Toolbar(cells, screen, screen.instruction, reply(recipe, ep.solution), ep.target, more)
 
 
 def reply(recipe: Recipe, click: Click) -> str:
@@ -130,9 +136,22 @@ class IdealTower(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("code", torch.randn(slots, TOKENIZER.vocab_size, width, generator=g) / slots**0.5)
 
-    def forward(self, cells: list[str]) -> torch.Tensor:
-        ids = torch.tensor([TOKENIZER.encode(c) for c in cells])  # [cells, slots]
+    def forward(self, bar: Toolbar) -> torch.Tensor:
+        ids = torch.tensor([TOKENIZER.encode(c) for c in bar.cells])  # [cells, slots]
         return self.code[torch.arange(ids.shape[1]), ids].sum(1)
+
+
+class RealTower(nn.Module):
+    """A trained checkpoint's vision tower, frozen: the toolbar's pixels to ``[cells, mm_hidden]``."""
+
+    def __init__(self, checkpoint: str):
+        super().__init__()
+        self.model = load_checkpoint(checkpoint).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, bar: Toolbar) -> torch.Tensor:
+        pixels = preprocess_image(Image.fromarray(render(bar.screen, SIZE, SIZE)), self.model.config)
+        return self.model.vision(pixels[None])[0]
 
 
 def prompt_ids(bar: Toolbar, recipe: Recipe) -> list[int]:
@@ -141,10 +160,10 @@ def prompt_ids(bar: Toolbar, recipe: Recipe) -> list[int]:
     return tokenize_prompt(TOKENIZER, user_turn(text) + ASSISTANT_PREFIX)
 
 
-def prompt_embeds(model: LongLLaVA, tower: IdealTower, bar: Toolbar, recipe: Recipe) -> torch.Tensor:
+def prompt_embeds(model: LongLLaVA, tower: IdealTower | RealTower, bar: Toolbar, recipe: Recipe) -> torch.Tensor:
     if recipe.text:
         return model.llm.embed_tokens(torch.tensor(prompt_ids(bar, recipe)))
-    return model.embed(prompt_ids(bar, recipe), model.projector(tower(bar.cells))[None])
+    return model.embed(prompt_ids(bar, recipe), model.projector(tower(bar))[None])
 
 
 def as_text(cells: list[str]) -> str:
@@ -213,7 +232,7 @@ def each_button(k: int, recipe: Recipe) -> list[Toolbar]:
 
 
 @torch.no_grad()
-def clicks(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> dict[str, float]:
+def clicks(model: LongLLaVA, tower: IdealTower | RealTower, recipe: Recipe, n: int = 20) -> dict[str, float]:
     """Greedy answers to every question of ``n`` held-out toolbars (one per button): the
     share whose click hits the named button, that lands on another of the toolbar's
     buttons instead, and that names the asked button; and the distinct points clicked per
@@ -243,7 +262,7 @@ def clicks(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> 
 
 
 @torch.no_grad()
-def attention_follows(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 20) -> float:
+def attention_follows(model: LongLLaVA, tower: IdealTower | RealTower, recipe: Recipe, n: int = 20) -> float:
     """Does the attention layer look at the button that the question names?
 
     At the last prompt position (it writes the answer's first token), a head's pick is the
@@ -280,7 +299,7 @@ def _picks(attn: Attention, x: torch.Tensor, image: range, cells: list[str]) -> 
 
 
 @torch.no_grad()
-def query_holds_label(model: LongLLaVA, tower: IdealTower, recipe: Recipe, n: int = 200) -> float:
+def query_holds_label(model: LongLLaVA, tower: IdealTower | RealTower, recipe: Recipe, n: int = 200) -> float:
     """Can the attention layer's query know which button is named?
 
     At the position that writes the click's first digit (the answer fed up to it),
@@ -323,7 +342,7 @@ def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 400) -> 
 def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> dict:
     torch.manual_seed(seed)
     model = LongLLaVA(DEFAULT_CONFIG.model_copy(update={"attn_layer_offset": recipe.attn_offset}))
-    tower = IdealTower(CELL_SLOTS, DEFAULT_CONFIG.mm_hidden_size)
+    tower = RealTower(recipe.tower) if recipe.tower else IdealTower(CELL_SLOTS, DEFAULT_CONFIG.mm_hidden_size)
     params = [*model.projector.parameters(), *model.llm.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr)
     rng, losses, began = random.Random(seed), [], time.perf_counter()
@@ -377,12 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--text-first", type=int, default=0, help="first steps with the toolbar as text")
     parser.add_argument("--attend", type=float, default=0.0, help="weight of the supervised-attention loss")
+    parser.add_argument("--tower", default="", help="a checkpoint whose frozen tower makes the image tokens")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--save", type=Path, help="a folder for the trained models (the LongLLaVA layout)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset,
-                      args.lr, args.text, args.name_first, args.text_first, args.attend) for design in args.designs]
+                      args.lr, args.text, args.name_first, args.text_first, args.attend, args.tower)
+               for design in args.designs]
     rows = [train(recipe, args.steps, seed, args.save) for recipe in recipes for seed in args.seeds]
     print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit "
           "| distinct clicks per toolbar (blind: 1, following: 3) | attention picks the named button (blind: 33%) "
