@@ -2,7 +2,8 @@
 
     python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
         [--question-first] [--echo] [--name-first] [--second-turn] [--attn-offset 4] [--text] [--lr 2e-3]
-        [--text-first 400] [--attend 1.0] [--tower CHECKPOINT] [--out docs/bench/clicking.json] [--save DIR]
+        [--text-first 400] [--attend 1.0] [--tower CHECKPOINT] [--misread 0.5] [--out docs/bench/clicking.json]
+        [--save DIR]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
 the question names. The demo model never learnt it, so this bench takes the vision tower
@@ -40,7 +41,8 @@ trains that many steps on such text before the images (does a lookup learnt on t
 carry over?), and ``--attend`` adds a loss that tells one head where the named button
 is (supervised attention, as grounding models supervise a pointer). ``--tower`` puts a
 trained checkpoint's frozen tower in the ideal one's place: the same lookup from the
-tokens a real tower makes of the toolbar's pixels.
+tokens a real tower makes of the toolbar's pixels; ``--misread`` keeps the ideal tokens but misreads a
+share of their labels, to ask how well a tower must read for the lookup to be learnt.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Recipe:
     text_first: int = 0  # first steps with the toolbar as text (three buttons), before any image
     attend: float = 0.0  # weight of a loss that pulls one head's attention onto the named button (``attend_loss``)
     tower: str = ""  # a checkpoint whose frozen vision tower makes the image tokens, instead of ``IdealTower``
+    misread: float = 0.0  # the share of cells whose label the ideal tower misreads (``misread``)
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,25 @@ def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
     if recipe.second_turn and not alone:
         question, answer = random.Random(seed).choice(screen_questions("ClickTarget", ep, 0)[1:])
         more = ((question, reply(recipe, parse_action(answer))),)
-    cells = cell_slots(screen, SIDE, DESIGNS[recipe.design])
+    cells = misread(cell_slots(screen, SIDE, DESIGNS[recipe.design]), recipe.misread, random.Random(seed))
     return Toolbar(cells, screen, screen.instruction, reply(recipe, ep.solution), ep.target, more)
+
+
+def misread(cells: list[str], share: float, rng: random.Random) -> list[str]:
+    """The cells with a ``share`` of those that name a label misread: each of its letters
+    swapped for a random one with even odds. At 0.5 about half the labels are read whole
+    and three letters in four right, as the demo build's tower reads toolbars
+    (``bench.reading``): do the ideal tokens still teach the lookup when they read no better?"""
+    def swap(letter: str) -> str:
+        return rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") if rng.random() < 0.5 else letter
+
+    out = []
+    for cell in cells:
+        label = cell[LABEL_SLOTS]
+        if label.strip() and rng.random() < share:
+            label = "".join(swap(c) if c != " " else c for c in label)
+        out.append(cell[: LABEL_SLOTS.start] + label + cell[LABEL_SLOTS.stop:])
+    return out
 
 
 def reply(recipe: Recipe, click: Click) -> str:
@@ -397,12 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-first", type=int, default=0, help="first steps with the toolbar as text")
     parser.add_argument("--attend", type=float, default=0.0, help="weight of the supervised-attention loss")
     parser.add_argument("--tower", default="", help="a checkpoint whose frozen tower makes the image tokens")
+    parser.add_argument("--misread", type=float, default=0.0, help="the share of cells whose label is misread")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--save", type=Path, help="a folder for the trained models (the LongLLaVA layout)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset,
-                      args.lr, args.text, args.name_first, args.text_first, args.attend, args.tower)
+                      args.lr, args.text, args.name_first, args.text_first, args.attend, args.tower,
+                      args.misread)
                for design in args.designs]
     rows = [train(recipe, args.steps, seed, args.save) for recipe in recipes for seed in args.seeds]
     print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit "

@@ -6,7 +6,8 @@
    tower's pooled tokens of training-seed screens (access codes and toolbars), then
    scores held-out ones: glyph slots right, access codes read whole, button-centre digits
    right, the nearest panel's label letters right, and the glyph and label slots of the
-   toolbars alone (white button text on colour). This says whether the text is in the
+   toolbars alone (white button text on colour), with the share of a toolbar's cells that
+   read their button's label whole (all four letters), which a lookup by name needs. This says whether the text is in the
    image tokens at all. It also counts the codes' layouts (which glyph slots they fill):
    one, since the code panel is monospace.
 2. **The whole model.** Single-screen questions in the training format, answered
@@ -107,7 +108,14 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
         "label_letters": share(LABEL_SLOTS),
         "toolbar_glyphs": share(slice(0, GLYPH_SLOTS), toolbars),
         "toolbar_labels": share(LABEL_SLOTS, toolbars),
+        "toolbar_labels_whole": whole(right[toolbars][..., LABEL_SLOTS], shows[toolbars][..., LABEL_SLOTS]),
     }
+
+
+def whole(right: torch.Tensor, shows: torch.Tensor) -> float:
+    """Of the cells whose label slots name a panel, the share with every one of them read right."""
+    named = shows.any(-1)
+    return (right.all(-1) & named).sum().item() / max(1, named.sum().item())
 
 
 @torch.no_grad()
@@ -176,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                "codes_whole": "codes whole (probe)",
                "centre_digits": "centre digits (probe)", "label_letters": "nearest label's letters (probe)",
                "toolbar_glyphs": "glyph slots, toolbars only", "toolbar_labels": "label letters, toolbars only",
+               "toolbar_labels_whole": "labels whole (all four letters), toolbars only",
                "codes_answered": "codes answered", "clicks_hit": "clicks hit the asked button",
                "clicks_other_button": "land on another button", "clicks_name_asked": "name the asked button",
                "distinct_points": "distinct points per toolbar (of 3)", "alone_hit": "lone button hit"}
