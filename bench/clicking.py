@@ -2,8 +2,8 @@
 
     python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
         [--question-first] [--echo] [--name-first] [--second-turn] [--attn-offset 4] [--text] [--lr 2e-3]
-        [--text-first 400] [--attend 1.0] [--tower CHECKPOINT] [--misread 0.5] [--out docs/bench/clicking.json]
-        [--save DIR]
+        [--text-first 400] [--attend 1.0] [--tower CHECKPOINT [--ideal-labels]] [--misread 0.5]
+        [--misread-centres 0.3] [--out docs/bench/clicking.json] [--save DIR]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
 the question names. The demo model never learnt it, so this bench takes the vision tower
@@ -41,8 +41,11 @@ trains that many steps on such text before the images (does a lookup learnt on t
 carry over?), and ``--attend`` adds a loss that tells one head where the named button
 is (supervised attention, as grounding models supervise a pointer). ``--tower`` puts a
 trained checkpoint's frozen tower in the ideal one's place: the same lookup from the
-tokens a real tower makes of the toolbar's pixels; ``--misread`` keeps the ideal tokens but misreads a
-share of their labels, to ask how well a tower must read for the lookup to be learnt.
+tokens a real tower makes of the toolbar's pixels, and ``--ideal-labels`` adds the ideal code of each
+cell's label slots to them (is the label all that the real tokens lack?).
+``--misread`` keeps the ideal tokens but misreads a share of their labels, and
+``--misread-centres`` of their centres' digits, to ask how well a tower must read for the
+lookup to be learnt.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import math
 import random
 import re
 import statistics
+import string
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -98,6 +102,8 @@ class Recipe:
     attend: float = 0.0  # weight of a loss that pulls one head's attention onto the named button (``attend_loss``)
     tower: str = ""  # a checkpoint whose frozen vision tower makes the image tokens, instead of ``IdealTower``
     misread: float = 0.0  # the share of cells whose label the ideal tower misreads (``misread``)
+    misread_centres: float = 0.0  # the same for the centre's digits
+    ideal_labels: bool = False  # with ``tower``: the ideal code of each cell's label slots added to its token
 
 
 @dataclass(frozen=True)
@@ -118,24 +124,27 @@ def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
     if recipe.second_turn and not alone:
         question, answer = random.Random(seed).choice(screen_questions("ClickTarget", ep, 0)[1:])
         more = ((question, reply(recipe, parse_action(answer))),)
-    cells = misread(cell_slots(screen, SIDE, DESIGNS[recipe.design]), recipe.misread, random.Random(seed))
+    rng, cells = random.Random(seed), cell_slots(screen, SIDE, DESIGNS[recipe.design])
+    cells = misread(cells, recipe.misread, rng, LABEL_SLOTS, string.ascii_letters)
+    cells = misread(cells, recipe.misread_centres, rng, CENTRE_SLOTS, string.digits)
     return Toolbar(cells, screen, screen.instruction, reply(recipe, ep.solution), ep.target, more)
 
 
-def misread(cells: list[str], share: float, rng: random.Random) -> list[str]:
-    """The cells with a ``share`` of those that name a label misread: each of its letters
-    swapped for a random one with even odds. At 0.5 about half the labels are read whole
-    and three letters in four right, as the demo build's tower reads toolbars
-    (``bench.reading``): do the ideal tokens still teach the lookup when they read no better?"""
-    def swap(letter: str) -> str:
-        return rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") if rng.random() < 0.5 else letter
+def misread(cells: list[str], share: float, rng: random.Random, slots: slice, alphabet: str) -> list[str]:
+    """The cells with a ``share`` of those that show something in ``slots`` misread there:
+    each character swapped for a random one of ``alphabet`` with even odds. At 0.5 on the
+    label slots about half the labels are read whole and three letters in four right, as
+    the demo build's tower reads toolbars (``bench.reading``): do the ideal tokens still
+    teach the lookup when they read no better?"""
+    def swap(c: str) -> str:
+        return rng.choice(alphabet) if c != " " and rng.random() < 0.5 else c
 
     out = []
     for cell in cells:
-        label = cell[LABEL_SLOTS]
-        if label.strip() and rng.random() < share:
-            label = "".join(swap(c) if c != " " else c for c in label)
-        out.append(cell[: LABEL_SLOTS.start] + label + cell[LABEL_SLOTS.stop:])
+        shown = cell[slots]
+        if shown.strip() and rng.random() < share:
+            shown = "".join(map(swap, shown))
+        out.append(cell[: slots.start] + shown + cell[slots.stop:])
     return out
 
 
@@ -156,22 +165,27 @@ class IdealTower(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("code", torch.randn(slots, TOKENIZER.vocab_size, width, generator=g) / slots**0.5)
 
-    def forward(self, bar: Toolbar) -> torch.Tensor:
+    def forward(self, bar: Toolbar, slots: slice = slice(None)) -> torch.Tensor:
         ids = torch.tensor([TOKENIZER.encode(c) for c in bar.cells])  # [cells, slots]
-        return self.code[torch.arange(ids.shape[1]), ids].sum(1)
+        picked = torch.arange(ids.shape[1])[slots]
+        return self.code[picked, ids[:, slots]].sum(1)
 
 
 class RealTower(nn.Module):
-    """A trained checkpoint's vision tower, frozen: the toolbar's pixels to ``[cells, mm_hidden]``."""
+    """A trained checkpoint's vision tower, frozen: the toolbar's pixels to ``[cells, mm_hidden]``;
+    with ``labels``, plus the ideal tower's code of each cell's label slots (are the labels
+    what the real tokens lack?)."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, labels: IdealTower | None = None):
         super().__init__()
         self.model = load_checkpoint(checkpoint).float().eval().requires_grad_(False)
+        self.labels = labels
 
     @torch.no_grad()
     def forward(self, bar: Toolbar) -> torch.Tensor:
         pixels = preprocess_image(Image.fromarray(render(bar.screen, SIZE, SIZE)), self.model.config)
-        return self.model.vision(pixels[None])[0]
+        tokens = self.model.vision(pixels[None])[0]
+        return tokens if self.labels is None else tokens + self.labels(bar, LABEL_SLOTS)
 
 
 def prompt_ids(bar: Toolbar, recipe: Recipe) -> list[int]:
@@ -362,7 +376,8 @@ def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 400) -> 
 def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> dict:
     torch.manual_seed(seed)
     model = LongLLaVA(DEFAULT_CONFIG.model_copy(update={"attn_layer_offset": recipe.attn_offset}))
-    tower = RealTower(recipe.tower) if recipe.tower else IdealTower(CELL_SLOTS, DEFAULT_CONFIG.mm_hidden_size)
+    ideal = IdealTower(CELL_SLOTS, DEFAULT_CONFIG.mm_hidden_size)
+    tower = RealTower(recipe.tower, ideal if recipe.ideal_labels else None) if recipe.tower else ideal
     params = [*model.projector.parameters(), *model.llm.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr)
     rng, losses, began = random.Random(seed), [], time.perf_counter()
@@ -418,13 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attend", type=float, default=0.0, help="weight of the supervised-attention loss")
     parser.add_argument("--tower", default="", help="a checkpoint whose frozen tower makes the image tokens")
     parser.add_argument("--misread", type=float, default=0.0, help="the share of cells whose label is misread")
+    parser.add_argument("--misread-centres", type=float, default=0.0, help="the same for the centre's digits")
+    parser.add_argument("--ideal-labels", action="store_true", help="with --tower: add the ideal labels' code")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--save", type=Path, help="a folder for the trained models (the LongLLaVA layout)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset,
                       args.lr, args.text, args.name_first, args.text_first, args.attend, args.tower,
-                      args.misread)
+                      args.misread, args.misread_centres, args.ideal_labels)
                for design in args.designs]
     rows = [train(recipe, args.steps, seed, args.save) for recipe in recipes for seed in args.seeds]
     print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit "

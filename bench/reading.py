@@ -7,9 +7,9 @@
    scores held-out ones: glyph slots right, access codes read whole, button-centre digits
    right, the nearest panel's label letters right, and the glyph and label slots of the
    toolbars alone (white button text on colour), with the share of a toolbar's cells that
-   read their button's label whole (all four letters), which a lookup by name needs. This says whether the text is in the
-   image tokens at all. It also counts the codes' layouts (which glyph slots they fill):
-   one, since the code panel is monospace.
+   read their button's label whole (all four letters), which a lookup by name needs. This
+   says whether the text is in the image tokens at all. It also counts the codes' layouts
+   (which glyph slots they fill): one, since the code panel is monospace.
 2. **The whole model.** Single-screen questions in the training format, answered
    greedily: the access code (right or not), and each held-out toolbar asked for every
    one of its buttons in turn, then for the named one shown alone. For the clicks: the
