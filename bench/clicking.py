@@ -41,8 +41,8 @@ trains that many steps on such text before the images (does a lookup learnt on t
 carry over?), and ``--attend`` adds a loss that tells one head where the named button
 is (supervised attention, as grounding models supervise a pointer). ``--tower`` puts a
 trained checkpoint's frozen tower in the ideal one's place: the same lookup from the
-tokens a real tower makes of the toolbar's pixels, and ``--ideal-labels`` adds the ideal code of each
-cell's label slots to them (is the label all that the real tokens lack?).
+tokens a real tower makes of the toolbar's pixels, and ``--ideal-labels`` adds the ideal
+code of each cell's label slots to them (is the label all that the real tokens lack?).
 ``--misread`` keeps the ideal tokens but misreads a share of their labels, and
 ``--misread-centres`` of their centres' digits, to ask how well a tower must read for the
 lookup to be learnt.

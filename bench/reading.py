@@ -100,6 +100,11 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
         hit, show = right[screens][..., slots], shows[screens][..., slots]
         return (hit & show).sum().item() / max(1, show.sum().item())
 
+    def whole(slots: slice, screens: list[int]) -> float:
+        """Of the cells that show something in these slots, the share with all of them read right."""
+        hit, named = right[screens][..., slots].all(-1), shows[screens][..., slots].any(-1)
+        return (hit & named).sum().item() / max(1, named.sum().item())
+
     return {
         "code_layouts": len(layouts),
         "glyph_slots": share(slice(0, GLYPH_SLOTS)),
@@ -108,14 +113,8 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
         "label_letters": share(LABEL_SLOTS),
         "toolbar_glyphs": share(slice(0, GLYPH_SLOTS), toolbars),
         "toolbar_labels": share(LABEL_SLOTS, toolbars),
-        "toolbar_labels_whole": whole(right[toolbars][..., LABEL_SLOTS], shows[toolbars][..., LABEL_SLOTS]),
+        "toolbar_labels_whole": whole(LABEL_SLOTS, toolbars),
     }
-
-
-def whole(right: torch.Tensor, shows: torch.Tensor) -> float:
-    """Of the cells whose label slots name a panel, the share with every one of them read right."""
-    named = shows.any(-1)
-    return (right.all(-1) & named).sum().item() / max(1, named.sum().item())
 
 
 @torch.no_grad()
