@@ -69,7 +69,7 @@ from torch import nn
 from bench.copying import learning, over_seeds
 from envs.actions import Click, format_action, parse_action
 from envs.render import Panel, Screen, hits, render
-from envs.tasks.click_target import LABELS
+from envs.tasks.click_target import LABELS, read_out
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.default import DEFAULT_CONFIG
 from model.llm import Attention
@@ -104,6 +104,8 @@ class Recipe:
     misread: float = 0.0  # the share of cells whose label the ideal tower misreads (``misread``)
     misread_centres: float = 0.0  # the same for the centre's digits
     ideal_labels: bool = False  # with ``tower``: the ideal code of each cell's label slots added to its token
+    whiten: str = ""  # with ``tower``: "diagonal" or "full", the real tokens whitened (``whitening``)
+    transcribe: bool = False  # the answer lists the toolbar's buttons before it clicks (``read_out``)
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,11 @@ def toolbar(seed: int, recipe: Recipe, alone: bool = False) -> Toolbar:
     more = ()
     if recipe.second_turn and not alone:
         question, answer = random.Random(seed).choice(screen_questions("ClickTarget", ep, 0)[1:])
-        more = ((question, reply(recipe, parse_action(answer))),)
+        more = ((question, reply(recipe, parse_action(answer), screen)),)
     rng, cells = random.Random(seed), cell_slots(screen, SIDE, DESIGNS[recipe.design])
     cells = misread(cells, recipe.misread, rng, LABEL_SLOTS, string.ascii_letters)
     cells = misread(cells, recipe.misread_centres, rng, CENTRE_SLOTS, string.digits)
-    return Toolbar(cells, screen, screen.instruction, reply(recipe, ep.solution), ep.target, more)
+    return Toolbar(cells, screen, screen.instruction, reply(recipe, ep.solution, screen), ep.target, more)
 
 
 def misread(cells: list[str], share: float, rng: random.Random, slots: slice, alphabet: str) -> list[str]:
@@ -148,13 +150,16 @@ def misread(cells: list[str], share: float, rng: random.Random, slots: slice, al
     return out
 
 
-def reply(recipe: Recipe, click: Click) -> str:
+def reply(recipe: Recipe, click: Click, screen: Screen) -> str:
     """The answer the recipe trains for a click that names its button ('click("Save", x, y)'):
-    with the name inside the click, before it ('Save: click(x, y)'), or not at all."""
+    with the name inside the click, before it ('Save: click(x, y)'), or not at all; with
+    ``transcribe``, after a list of the screen's buttons."""
     if recipe.name_first:
-        return format_action(click)
-    plain = format_action(replace(click, target=""))
-    return f"{click.target}: {plain}" if recipe.echo else plain
+        action = format_action(click)
+    else:
+        plain = format_action(replace(click, target=""))
+        action = f"{click.target}: {plain}" if recipe.echo else plain
+    return f"{read_out(screen)}\n{action}" if recipe.transcribe else action
 
 
 class IdealTower(nn.Module):
@@ -176,16 +181,33 @@ class RealTower(nn.Module):
     with ``labels``, plus the ideal tower's code of each cell's label slots (are the labels
     what the real tokens lack?)."""
 
-    def __init__(self, checkpoint: str, labels: IdealTower | None = None):
+    def __init__(self, checkpoint: str, labels: IdealTower | None = None, whiten: str = "", recipe: "Recipe | None" = None):
         super().__init__()
         self.model = load_checkpoint(checkpoint).float().eval().requires_grad_(False)
         self.labels = labels
+        self.shift, self.scale = 0.0, None
+        if whiten:
+            self.shift, self.scale = whitening(torch.cat([self(toolbar(data_seed(9, s), recipe)) for s in range(200)]),
+                                               whiten)
 
     @torch.no_grad()
     def forward(self, bar: Toolbar) -> torch.Tensor:
         pixels = preprocess_image(Image.fromarray(render(bar.screen, SIZE, SIZE)), self.model.config)
         tokens = self.model.vision(pixels[None])[0]
+        if self.scale is not None:
+            tokens = (tokens - self.shift) @ self.scale
         return tokens if self.labels is None else tokens + self.labels(bar, LABEL_SLOTS)
+
+
+def whitening(tokens: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shift and ``[width, width]`` map that give ``tokens`` zero mean and unit variance
+    per feature (``diagonal``) or an identity covariance (``full``, PCA whitening): the
+    ideal tower's tokens are isotropic, the real ones' variance sits in a few directions."""
+    mean = tokens.mean(0)
+    if how == "diagonal":
+        return mean, torch.diag(1 / (tokens.std(0) + 1e-4))
+    values, vectors = torch.linalg.eigh(torch.cov((tokens - mean).T))
+    return mean, vectors @ torch.diag(values.clamp_min(1e-4 * values.max()) ** -0.5) @ vectors.T
 
 
 def prompt_ids(bar: Toolbar, recipe: Recipe) -> list[int]:
@@ -236,8 +258,13 @@ def _lookups(bar: Toolbar, recipe: Recipe, prompt_length: int) -> list[tuple[int
     start = prompt_ids(bar, recipe).index(IMAGE_TOKEN_INDEX)
     keys = [start + c for c, cell in enumerate(bar.cells)
             if cell[CENTRE_SLOTS] == centre_code(bar.target) and cell[LABEL_SLOTS].strip()]
-    first_digit = re.search("[0-9]", bar.answer).start()
+    first_digit = point_start(bar.answer)
     return [(prompt_length + b - 1, keys) for b in range(first_digit, len(bar.answer) - 1)] if keys else []
+
+
+def point_start(answer: str) -> int:
+    """Where the click's point begins in ``answer``: its first digit."""
+    return re.search(r"click\(\D*", answer).end()
 
 
 def attend_loss(attn: Attention, x: torch.Tensor, pairs: list[tuple[int, int, list[int]]]) -> torch.Tensor:
@@ -261,7 +288,7 @@ def each_button(k: int, recipe: Recipe) -> list[Toolbar]:
     bar, ep = toolbar(seed, recipe), episode("ClickTarget", seed, difficulty="easy")
     panels = [e for e in ep.screens[0].elements if isinstance(e, Panel) and e.label]
     asked = screen_questions("ClickTarget", ep, 0)
-    return [replace(bar, question=q, answer=reply(recipe, parse_action(a)), target=p.box)
+    return [replace(bar, question=q, answer=reply(recipe, parse_action(a), bar.screen), target=p.box)
             for (q, a), p in zip(asked, panels, strict=True)]
 
 
@@ -277,12 +304,12 @@ def clicks(model: LongLLaVA, tower: IdealTower | RealTower, recipe: Recipe, n: i
         bars = each_button(k, recipe)
         for bar in bars:
             embeds, out = prompt_embeds(model, tower, bar, recipe), []
-            for _ in range(32):
+            for _ in range(96 if recipe.transcribe else 32):
                 out.append(int(model.llm.head(model.llm.forward_batch(embeds[None]))[0, -1].argmax()))
                 if out[-1] == DEFAULT_CONFIG.eos_token_id:
                     break
                 embeds = torch.cat([embeds, model.llm.embed_tokens(torch.tensor(out[-1:]))])
-            answer = TOKENIZER.decode(out, skip_special=True).split(": ")[-1]
+            answer = TOKENIZER.decode(out, skip_special=True).split("\n")[-1].split(": ")[-1]
             action = parse_action(answer)
             if isinstance(action, Click):
                 hit += hits(bar.target, action, SIZE, SIZE)
@@ -349,7 +376,7 @@ def query_holds_label(model: LongLLaVA, tower: IdealTower | RealTower, recipe: R
         named = []
         for k in range(n):
             for bar in each_button(k, recipe):
-                fed = tokenize_prompt(TOKENIZER, bar.answer[: re.search("[0-9]", bar.answer).start()])
+                fed = tokenize_prompt(TOKENIZER, bar.answer[: point_start(bar.answer)])
                 model.llm.forward_batch(torch.cat([prompt_embeds(model, tower, bar, recipe),
                                                    model.llm.embed_tokens(torch.tensor(fed))])[None])
                 named.append(LABELS.index(bar.question.split('"')[1]))
@@ -377,7 +404,7 @@ def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> di
     torch.manual_seed(seed)
     model = LongLLaVA(DEFAULT_CONFIG.model_copy(update={"attn_layer_offset": recipe.attn_offset}))
     ideal = IdealTower(CELL_SLOTS, DEFAULT_CONFIG.mm_hidden_size)
-    tower = RealTower(recipe.tower, ideal if recipe.ideal_labels else None) if recipe.tower else ideal
+    tower = RealTower(recipe.tower, ideal if recipe.ideal_labels else None, recipe.whiten, recipe) if recipe.tower else ideal
     params = [*model.projector.parameters(), *model.llm.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr)
     rng, losses, began = random.Random(seed), [], time.perf_counter()
@@ -435,13 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--misread", type=float, default=0.0, help="the share of cells whose label is misread")
     parser.add_argument("--misread-centres", type=float, default=0.0, help="the same for the centre's digits")
     parser.add_argument("--ideal-labels", action="store_true", help="with --tower: add the ideal labels' code")
+    parser.add_argument("--whiten", choices=["diagonal", "full"], default="", help="with --tower: whiten its tokens")
+    parser.add_argument("--transcribe", action="store_true", help="the answer lists the buttons before it clicks")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--save", type=Path, help="a folder for the trained models (the LongLLaVA layout)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     recipes = [Recipe(design, args.alone_steps, args.question_first, args.echo, args.second_turn, args.attn_offset,
                       args.lr, args.text, args.name_first, args.text_first, args.attend, args.tower,
-                      args.misread, args.misread_centres, args.ideal_labels)
+                      args.misread, args.misread_centres, args.ideal_labels, args.whiten,
+                      args.transcribe)
                for design in args.designs]
     rows = [train(recipe, args.steps, seed, args.save) for recipe in recipes for seed in args.seeds]
     print(f"| recipe | seeds with loss < {LEARNED} | at step (median) | final loss (median) | held-out clicks that hit "
