@@ -58,7 +58,7 @@ class ModelPolicy:
         device: str | None = None,
         url: str | None = None,
         api_key: str | None = None,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = 256,  # a rationale and its action: ClickTarget hard reads out 12 buttons first
         temperature: float = 0.0,
         top_p: float = 1.0,
     ):

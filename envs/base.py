@@ -14,7 +14,9 @@ Scoring, the same for every task:
 
 `info["solution"]` is the right action for the observation it comes with: `wait()`
 while watching, the answer at the question. It is ground truth for the oracle baseline
-and for evaluation; never show it to a model.
+and for evaluation; never show it to a model. A task may also give `info["rationale"]`
+at the question: what an expert notes before it acts (ClickTarget: the buttons it sees),
+which the oracle writes on a line before its action (`expert_reply`).
 
 A task subclass sets `default_memory_span` and `min_memory_span` and implements
 `_make_episode(rng)`, which draws a whole episode up front from the env's seeded generator,
@@ -45,6 +47,13 @@ WAIT = format_action(Wait())
 T = TypeVar("T")
 
 
+def expert_reply(action: str, rationale: str = "") -> str:
+    """What an expert writes at a step: the rationale, where there is one, on a line before
+    the action. An agent's parser reads the first action call in a reply, so the note costs
+    nothing to parse, and a model trained on such replies writes its own note first."""
+    return f"{rationale}\n{action}" if rationale else action
+
+
 def pick(rng: np.random.Generator, items: Sequence[T], k: int) -> list[T]:
     """k distinct items in random order (plain Python values, unlike `rng.choice`)."""
     return [items[i] for i in rng.permutation(len(items))[:k]]
@@ -63,6 +72,11 @@ class Episode:
     screens: tuple[Screen, ...]
     solution: Answer | TypeText | Click
     target: Box | None = None
+    rationale: str = ""  # what an expert notes at the question before it acts (``expert_reply``)
+
+    def reply(self) -> str:
+        """The expert's whole reply at the question: its rationale, then the solution."""
+        return expert_reply(format_action(self.solution), self.rationale)
 
 
 class ScreenEnv(gym.Env[dict[str, Any], str]):
@@ -130,7 +144,7 @@ class ScreenEnv(gym.Env[dict[str, Any], str]):
         self._episode = self._make_episode(self.np_random)
         assert len(self._episode.screens) == self.memory_span + 1
         self._t = 0
-        return self._observe(), {"solution": self._solution()}
+        return self._observe(), self._expert()
 
     def step(self, action: str):
         parsed = parse_action(action)
@@ -145,8 +159,7 @@ class ScreenEnv(gym.Env[dict[str, Any], str]):
             reward, terminated = (RIGHT if success else WRONG), True
             info["is_success"] = success
             observation = self._observation()
-        info["solution"] = self._solution()
-        return observation, reward, terminated, False, info
+        return observation, reward, terminated, False, {**info, **self._expert()}
 
     def render(self) -> np.ndarray | None:
         return self._frame.copy() if self.render_mode == "rgb_array" else None
@@ -161,8 +174,12 @@ class ScreenEnv(gym.Env[dict[str, Any], str]):
     def _observation(self) -> dict[str, Any]:
         return {"screenshot": self._frame.copy(), "instruction": self._episode.screens[self._t].instruction}
 
-    def _solution(self) -> str:
-        return WAIT if self._t < self.memory_span else format_action(self._episode.solution)
+    def _expert(self) -> dict[str, str]:
+        """``info``'s ground truth: the solution, and the rationale at the question."""
+        if self._t < self.memory_span:
+            return {"solution": WAIT}
+        solution = format_action(self._episode.solution)
+        return {"solution": solution, **({"rationale": self._episode.rationale} if self._episode.rationale else {})}
 
     def _is_right(self, action: Action) -> bool:
         solution = self._episode.solution

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import gymnasium as gym
 
+from envs.base import expert_reply
+
 
 @dataclass
 class Decision:
@@ -75,7 +77,8 @@ class RandomPolicy:
 
 
 class OraclePolicy:
-    """Plays `info["solution"]`, which a longllava/ task computes from its hidden state."""
+    """Plays `info["solution"]`, which a longllava/ task computes from its hidden state; where
+    the task gives `info["rationale"]`, its output writes that first (`envs.base.expert_reply`)."""
 
     def __init__(self, *, env_id: str, action_space: gym.Space):
         self.env_id = env_id
@@ -86,7 +89,8 @@ class OraclePolicy:
     def act(self, observation: dict[str, Any], info: dict[str, Any]) -> Decision:
         if "solution" not in info:
             raise ValueError(f"{self.env_id} gives no info['solution']; the oracle plays longllava/ tasks only")
-        return Decision(str(info["solution"]))
+        solution = str(info["solution"])
+        return Decision(solution, expert_reply(solution, info["rationale"]) if "rationale" in info else None)
 
 
 def load_policy(name: str) -> PolicyFactory:

@@ -31,8 +31,9 @@ from PIL import Image
 
 import envs  # noqa: F401  (registers the tasks)
 from envs.actions import Click, format_action
-from envs.base import Episode
+from envs.base import Episode, expert_reply
 from envs.render import PALETTE, Icon, Label, Panel, Screen, glyphs, render
+from envs.tasks.click_target import read_out
 
 COLOR_NAMES = {rgb: name for name, rgb in PALETTE.items()}
 SIZE = 336  # the envs' default screen, which the agent sees
@@ -121,7 +122,8 @@ def screen_questions(task: str, ep: Episode, t: int) -> list[tuple[str, str]]:
         out.append(("What is the access code?", panels[0].label))
     if task == "ClickTarget" and screen.title == "Toolbar":
         for p in panels:
-            out.append((f'Click the "{p.label}" button.', format_action(Click(*_centre(p.box), p.label))))
+            out.append((f'Click the "{p.label}" button.', expert_reply(format_action(Click(*_centre(p.box), p.label)),
+                                                                        read_out(screen))))
     if screen.title == "Note":
         out.append(("Which button does the note name?", panels[0].label.split('"')[1]))
     if icons and screen.title == "Monitor":
@@ -282,7 +284,8 @@ def clicks(writer: Writer, n: int, seed: int, alone_share: float, name: str = "c
         for k in range(n):
             ep = episode("ClickTarget", data_seed(seed, k), difficulty="easy")
             screen = named_alone(ep) if rng.random() < alone_share else ep.screens[0]
-            yield _qa(screen.instruction, format_action(ep.solution), [writer.image(screen)])
+            yield _qa(screen.instruction, expert_reply(format_action(ep.solution), read_out(screen)),
+                      [writer.image(screen)])
 
     return writer.write(name, records())
 
@@ -308,14 +311,14 @@ def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tile
         for k in range(n):
             if rng.random() < tiles_share:
                 ep = episode("ClickTarget", data_seed(seed, k), difficulty="easy")
-                yield {**_qa(ep.screens[0].instruction, format_action(ep.solution), [writer.image(ep.screens[0])]),
+                yield {**_qa(ep.screens[0].instruction, ep.reply(), [writer.image(ep.screens[0])]),
                        "tiles": True}
                 continue
             task = rng.choices(list(weights), list(weights.values()))[0]
             kwargs, spans = SEQUENCE_TASKS[task]
             ep = episode(task, data_seed(seed, k), memory_span=rng.choice(spans), **kwargs)
             *watched, question = ep.screens
-            answer = format_action(ep.solution)
+            answer = ep.reply()
             if task == "NeedleFrame":  # the frames as a video, then the quiz screen
                 frames = [writer.image(s) for s in watched]
                 yield {**_qa("<video>\n<image>\n" + question.instruction, answer, prefix=""),
@@ -335,6 +338,6 @@ def texts(writer: Writer, n: int, seed: int) -> Path:
             task = rng.choice(["RecallCode", "ClickTarget"])
             ep = episode(task, data_seed(seed, k), **TASKS[task])
             shown = "\n".join(caption(s) for s in ep.screens[:-1]) if task == "RecallCode" else caption(ep.screens[0])
-            yield _qa(f"{shown}\n{ep.screens[-1].instruction}", format_action(ep.solution))
+            yield _qa(f"{shown}\n{ep.screens[-1].instruction}", ep.reply())
 
     return writer.write("texts", records())

@@ -5,7 +5,8 @@ screen itself names the button. With a longer span a note names it first, toolba
 other buttons follow, and the question screen asks for "the button from the note".
 The random baseline clicks anywhere, so its chance is one button's share of the screen.
 The solution names the button before its centre, `click("Save", x, y)`; a click is scored
-by its point alone, so `click(x, y)` at the same point is right too.
+by its point alone, so `click(x, y)` at the same point is right too. The rationale
+(`info["rationale"]` at the question) reads the toolbar's buttons out, with their centres.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class ClickTargetEnv(ScreenEnv):
         name = target.label
         if self.memory_span == 0:
             question = f'Click the "{name}" button.'
-            return Episode((Screen("Toolbar", question, buttons),), self._click_on(target), target.box)
+            toolbar = Screen("Toolbar", question, buttons)
+            return Episode((toolbar,), _click_on(target), target.box, read_out(toolbar))
         note = Screen(
             "Note",
             "Remember the button this note names; you will click it later. Reply wait() to continue.",
@@ -48,7 +50,7 @@ class ClickTargetEnv(ScreenEnv):
         keep_in_mind = "Keep the note in mind. Reply wait() to continue."
         toolbars = [Screen("Toolbar", keep_in_mind, self._toolbar(rng)) for _ in range(self.memory_span - 1)]
         question = Screen("Toolbar", "Click the button that the note named.", buttons)
-        return Episode((note, *toolbars, question), self._click_on(target), target.box)
+        return Episode((note, *toolbars, question), _click_on(target), target.box, read_out(question))
 
     def _toolbar(self, rng: np.random.Generator) -> tuple[Panel, ...]:
         """Buttons with distinct labels in distinct cells; colours may repeat."""
@@ -59,12 +61,6 @@ class ClickTargetEnv(ScreenEnv):
             for cell, label in zip(cells, pick(rng, LABELS, count))
         )
 
-    @staticmethod
-    def _click_on(button: Panel) -> Click:
-        """A click at the button's centre that names it: click("Save", x, y)."""
-        x0, y0, x1, y1 = button.box
-        return Click((x0 + x1) // 2, (y0 + y1) // 2, button.label)
-
     def _sampler(self) -> Sampler:
         return uniform_click
 
@@ -72,3 +68,20 @@ class ClickTargetEnv(ScreenEnv):
     def chance(self) -> float:
         width, height = LAYOUT[self.difficulty][3]
         return width * height / 1001**2
+
+
+def _click_on(button: Panel) -> Click:
+    """A click at the button's centre that names it: click("Save", x, y)."""
+    x0, y0, x1, y1 = button.box
+    return Click((x0 + x1) // 2, (y0 + y1) // 2, button.label)
+
+
+def read_out(screen: Screen) -> str:
+    """The screen's labelled buttons in reading order (top to bottom by centre, then left
+    to right), each with its centre: 'Zoom 248,192; Rename 671,187; Send 231,750'.
+
+    The oracle writes this before its click (``info["rationale"]``): reading the toolbar
+    out first turns the click into a lookup in text, which a small hybrid learns, where
+    it does not learn the same lookup among image tokens (docs/benchmarks.md)."""
+    clicks = [_click_on(e) for e in screen.elements if isinstance(e, Panel) and e.label]
+    return "; ".join(f"{c.target} {c.x},{c.y}" for c in sorted(clicks, key=lambda c: (c.y, c.x)))

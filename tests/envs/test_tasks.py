@@ -132,6 +132,24 @@ def test_click_target_scores_by_where_the_click_lands():
     assert reward == WRONG
 
 
+def test_click_target_rationale_reads_out_every_button_in_reading_order():
+    env = gym.make("longllava/ClickTarget-v0", difficulty="hard", memory_span=2)
+    _, info = env.reset(seed=4)
+    for _ in range(2):
+        assert "rationale" not in info  # a watch step: nothing to note
+        _, _, _, _, info = env.step("wait()")
+    read = [(name, tuple(map(int, point.split(",")))) for name, point in
+            (button.split(" ") for button in info["rationale"].split("; "))]
+    assert [point for _, point in read] == sorted((point for _, point in read), key=lambda p: (p[1], p[0]))
+    boxes = {e.label: e.box for e in env.unwrapped._episode.screens[-1].elements}
+    assert len(read) == 12 and {name for name, _ in read} == set(boxes)
+    for name, (x, y) in read:  # each point is its button's centre
+        x0, y0, x1, y1 = boxes[name]
+        assert (x, y) == ((x0 + x1) // 2, (y0 + y1) // 2)
+    right = parse_action(info["solution"])
+    assert (right.target, (right.x, right.y)) in read
+
+
 def test_answers_are_compared_ignoring_case_and_outer_spaces():
     env = gym.make("longllava/RecallCode-v0", memory_span=1)
     _, info = env.reset(seed=0)

@@ -59,7 +59,10 @@ def test_a_toolbar_with_its_named_button_alone_keeps_that_button_and_the_questio
     path = synthetic.clicks(synthetic.Writer(tmp_path), 8, seed=3, alone_share=0.5)
     for record in map(json.loads, path.read_text().splitlines()):
         question, answer = (turn["value"] for turn in record["conversations"])
-        assert question.startswith("<image>\nClick the ") and isinstance(parse_action(answer), Click)
+        rationale, action = answer.split("\n")  # the buttons read out, then the click
+        click = parse_action(action)
+        assert question.startswith("<image>\nClick the ") and isinstance(click, Click)
+        assert f"{click.target} {click.x},{click.y}" in rationale and rationale.count(";") in (0, 2)  # 1 or 3
         assert (tmp_path / record["image"][0]).is_file()
 
 

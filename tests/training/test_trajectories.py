@@ -4,7 +4,7 @@ after the same episode, and label only the actions."""
 import numpy as np
 
 from agent import Agent, Observation
-from agent.actions import GRAMMAR_HELP
+from agent.actions import GRAMMAR_HELP, parse_action
 from agent.backend import Generation
 from envs.rollout import run_rollout
 from envs.trajectory import read_trajectories
@@ -69,6 +69,16 @@ def test_an_episode_is_the_agents_own_token_stream(tmp_path):
     prompts = "".join(turn["value"] for turn in record["conversations"] if turn["from"] == "human")
     assert solution.split('"')[1] not in prompts  # the code never leaks into the prompt
     assert "info" not in record and "solution" not in prompts
+
+
+def test_a_click_episode_teaches_the_oracles_whole_reply(tmp_path):
+    run_rollout("longllava/ClickTarget-v0", "oracle", episodes=1, seed=2, out=tmp_path / "runs",
+                env_kwargs={"difficulty": "easy"})
+    trajectory = next(read_trajectories(tmp_path / "runs"))
+    step, record = trajectory.steps[-1], episode_record(trajectory, GRAMMAR_HELP)
+    reply = record["conversations"][-1]["value"]
+    assert reply == step["info"]["rationale"] + "\n" + step["action"] == step["model_output"]
+    assert parse_action(reply).action.to_text() == step["action"]  # the agent reads the click out of it
 
 
 def write_jsonl_record(tmp_path, record):
