@@ -181,14 +181,14 @@ class RealTower(nn.Module):
     with ``labels``, plus the ideal tower's code of each cell's label slots (are the labels
     what the real tokens lack?)."""
 
-    def __init__(self, checkpoint: str, labels: IdealTower | None = None, whiten: str = "", recipe: "Recipe | None" = None):
+    def __init__(self, recipe: Recipe, labels: IdealTower | None = None):
         super().__init__()
-        self.model = load_checkpoint(checkpoint).float().eval().requires_grad_(False)
+        self.model = load_checkpoint(recipe.tower).float().eval().requires_grad_(False)
         self.labels = labels
         self.shift, self.scale = 0.0, None
-        if whiten:
-            self.shift, self.scale = whitening(torch.cat([self(toolbar(data_seed(9, s), recipe)) for s in range(200)]),
-                                               whiten)
+        if recipe.whiten:  # fit on 200 training toolbars' tokens
+            tokens = torch.cat([self(toolbar(data_seed(9, s), recipe)) for s in range(200)])
+            self.shift, self.scale = whitening(tokens, recipe.whiten)
 
     @torch.no_grad()
     def forward(self, bar: Toolbar) -> torch.Tensor:
@@ -404,7 +404,7 @@ def train(recipe: Recipe, steps: int, seed: int, save: Path | None = None) -> di
     torch.manual_seed(seed)
     model = LongLLaVA(DEFAULT_CONFIG.model_copy(update={"attn_layer_offset": recipe.attn_offset}))
     ideal = IdealTower(CELL_SLOTS, DEFAULT_CONFIG.mm_hidden_size)
-    tower = RealTower(recipe.tower, ideal if recipe.ideal_labels else None, recipe.whiten, recipe) if recipe.tower else ideal
+    tower = RealTower(recipe, ideal if recipe.ideal_labels else None) if recipe.tower else ideal
     params = [*model.projector.parameters(), *model.llm.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr)
     rng, losses, began = random.Random(seed), [], time.perf_counter()

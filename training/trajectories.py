@@ -3,9 +3,10 @@
 An episode becomes one multi-turn conversation in the agent's own prompt layout
 (``agent.prompt.step_pieces``): the task instruction once, in the first user turn, then
 per step a user turn holding the screenshot and the screen's text, and the policy's
-output as the answer (the action alone where it recorded no output). Each answer ends with EOS, as the engine's history does when generation
-stops at EOS, so the sequence is token for token what the agent's session holds after
-the same episode. Only the actions (and their EOS) are labelled. Nothing of a step's
+output as the answer (the action alone where it recorded no output). Each answer ends
+with EOS, as the engine's history does when generation stops at EOS, so the sequence is
+token for token what the agent's session holds after the same episode. Only the answers
+(and their EOS) are labelled. Nothing of a step's
 ``info`` (``solution`` included) enters the prompt.
 
     python -m training.trajectories runs/recall-oracle --out data/trajectories.jsonl
@@ -27,7 +28,8 @@ def episode_record(trajectory: Trajectory, instruction: str) -> dict:
     for k, step in enumerate(trajectory.steps):
         head = instruction + "\n" if k == 0 and instruction else ""
         text = "\n" + step["instruction"] if step["instruction"] else ""
-        turns += [{"from": "human", "value": f"{head}<image>{text}"}, {"from": "gpt", "value": step.get("model_output") or step["action"]}]
+        answer = step.get("model_output") or step["action"]
+        turns += [{"from": "human", "value": f"{head}<image>{text}"}, {"from": "gpt", "value": answer}]
         images.append(str((trajectory.path / step["screenshot"]).resolve()))
     meta = trajectory.meta
     return {"id": f"{meta['env_id']}/{trajectory.path.name}", "image": images, "conversations": turns}
