@@ -2,8 +2,8 @@
 
     python -m bench.clicking [--steps 600] [--seeds 0 1] [--designs centre near nearest] [--alone-steps 250]
         [--question-first] [--echo] [--name-first] [--second-turn] [--attn-offset 4] [--text] [--lr 2e-3]
-        [--text-first 400] [--attend 1.0] [--tower CHECKPOINT [--ideal-labels]] [--misread 0.5]
-        [--misread-centres 0.3] [--out docs/bench/clicking.json] [--save DIR]
+        [--text-first 400] [--attend 1.0] [--tower CHECKPOINT [--ideal-labels] [--whiten full]] [--misread 0.5]
+        [--misread-centres 0.3] [--transcribe] [--out docs/bench/clicking.json] [--save DIR]
 
 ClickTarget ends in a copy from a place that varies: the centre of the button whose label
 the question names. The demo model never learnt it, so this bench takes the vision tower
@@ -42,10 +42,13 @@ carry over?), and ``--attend`` adds a loss that tells one head where the named b
 is (supervised attention, as grounding models supervise a pointer). ``--tower`` puts a
 trained checkpoint's frozen tower in the ideal one's place: the same lookup from the
 tokens a real tower makes of the toolbar's pixels, and ``--ideal-labels`` adds the ideal
-code of each cell's label slots to them (is the label all that the real tokens lack?).
+code of each cell's label slots to them (is the label all that the real tokens lack?),
+and ``--whiten`` whitens them (are they only badly scaled?).
 ``--misread`` keeps the ideal tokens but misreads a share of their labels, and
 ``--misread-centres`` of their centres' digits, to ask how well a tower must read for the
-lookup to be learnt.
+lookup to be learnt. ``--transcribe`` has the answer read the toolbar's buttons out
+before it clicks, as ClickTarget's oracle does (``envs.tasks.click_target.read_out``), so
+that the lookup happens in text the model wrote.
 """
 
 from __future__ import annotations
