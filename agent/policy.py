@@ -5,8 +5,8 @@
     python -m envs.rollout --env longllava/RecallCode-v0 --agent model \\
         --agent-arg url=http://127.0.0.1:8000 [--agent-arg api_key=KEY]
 
-Without `model` the embedded default model runs (random weights: its replies are mostly
-not actions and fall back to `wait()`). All policies of a process share one Engine per
+Without `model` the embedded default model runs (`model/weights/default`, trained on these
+tasks by `training.pipeline`); a reply that holds no action falls back to `wait()`. All policies of a process share one Engine per
 (model, device); each policy holds its own session, started afresh at every episode.
 With `url` the sessions live on a LongLLaVA server instead (`agent.RemoteBackend`), and
 this process loads no model and no torch.

@@ -47,7 +47,7 @@ from training.synthetic import (CENTRE_SLOTS, EMPTY, GLYPH_SLOTS, LABEL_SLOTS, S
 from training.tower import SlotHead, slot_targets
 
 CODE_ROW = slice(18, 24)  # the cells of the access code's row on a 6x6 grid
-CLICK_TOKENS = 32  # enough for the longest named click, click("Refresh", 999, 999)
+CLICK_TOKENS = 96  # a toolbar's three buttons read out, then the longest named click, click("Refresh", 999, 999)
 
 
 def picture(screen: Screen) -> Image.Image:
@@ -141,6 +141,11 @@ def probe_answers(model: LongLLaVA, n: int) -> dict:
     return {"codes_answered": codes / n} | probe_clicks(model, n, tokenizer)
 
 
+def clicked_at(reply: str):
+    """The action on a reply's last line: the click after the buttons read out (``envs.base.expert_reply``)."""
+    return parse_action(reply.rsplit("\n", 1)[-1])
+
+
 def probe_clicks(model: LongLLaVA, n: int, tokenizer: ByteTokenizer) -> dict:
     """``n`` held-out toolbars, each asked for every button in turn, then for the named one alone."""
     hit = other = named = distinct = alone = asked = 0
@@ -150,7 +155,7 @@ def probe_clicks(model: LongLLaVA, n: int, tokenizer: ByteTokenizer) -> dict:
         buttons = [e for e in screen.elements if isinstance(e, Panel) and e.label]
         points = set()
         for button, (question, _) in zip(buttons, screen_questions("ClickTarget", ep, 0), strict=True):
-            action = parse_action(answer(model, picture(screen), question, tokenizer, CLICK_TOKENS))
+            action = clicked_at(answer(model, picture(screen), question, tokenizer, CLICK_TOKENS))
             clicked = isinstance(action, Click)
             hit += clicked and hits(button.box, action, SIZE, SIZE)
             other += clicked and any(hits(b.box, action, SIZE, SIZE) for b in buttons if b is not button)
@@ -160,7 +165,7 @@ def probe_clicks(model: LongLLaVA, n: int, tokenizer: ByteTokenizer) -> dict:
         asked += len(buttons)
         distinct += len(points)
         lone = named_alone(ep)
-        action = parse_action(answer(model, picture(lone), lone.instruction, tokenizer, CLICK_TOKENS))
+        action = clicked_at(answer(model, picture(lone), lone.instruction, tokenizer, CLICK_TOKENS))
         alone += isinstance(action, Click) and hits(ep.target, action, SIZE, SIZE)
     return {"clicks_hit": hit / asked, "clicks_other_button": other / asked, "clicks_name_asked": named / asked,
             "distinct_points": distinct / n, "alone_hit": alone / n}

@@ -1,8 +1,8 @@
 """``python -m serving``: one chat turn through the Engine, streamed to the terminal.
 
-With no ``--model`` it runs the embedded default model (random weights, byte tokenizer), so
-it works on a fresh machine with no files; point ``--model`` at a LongLLaVA checkpoint
-directory for real answers. With ``--checkpoint-dir`` the session is durable: the run
+With no ``--model`` it runs the embedded default model (a small demo trained on the envs'
+screen tasks, byte tokenizer), so it works on a fresh machine with no files; point
+``--model`` at a LongLLaVA checkpoint directory for a real model's answers. With ``--checkpoint-dir`` the session is durable: the run
 prints its id, and ``--session <id>`` in a later run (any process, any machine sharing the
 directory) continues it as the next step, with its whole history.
 
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, StoreUnavailableError) as exc:  # a model, tokenizer or store that cannot be used
         p.error(f"cannot start the engine: {exc}")
     if args.model is None:
-        print("[embedded default model: random weights, so the answer is noise until a checkpoint is given]", file=sys.stderr)
+        print("[embedded default model: a small demo trained on the envs' screen tasks; "
+              "give --model for a real checkpoint]", file=sys.stderr)
     try:
         session = engine.create() if args.session is None else args.session
         step = engine.append(session, user_message([*images, Text(args.prompt)]))

@@ -120,7 +120,7 @@ PRESETS = {
         architecture=TINY_ARCH, screens=64, captions=48, codes=32, questions=48, sequences=24, recalls=16,
         clicks=16, texts=16, trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
         toolbars=16, tower_toolbar_steps=10, tower_steps=20, tower_lr=3e-3,
-        steps={"align": 12, "read": 8, "click": 8, "single": 30, "multi": 10, "recall": 8, "trajectory": 20},
+        steps={"align": 12, "read": 8, "click": 8, "single": 30, "multi": 20, "recall": 8, "trajectory": 20},
         batch={"align": 8, "read": 8, "click": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 4}, lr=3e-3,
     ),
     "demo": Preset(
@@ -323,9 +323,13 @@ def write_half(source: Path, target: Path) -> None:
 
 
 def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+    """HEAD, marked ``+dirty`` where tracked files differ from it (the run trains the tree, not HEAD)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 

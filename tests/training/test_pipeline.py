@@ -2,6 +2,7 @@
 smoke``), and the embedded model it ships."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
     written = json.loads((tmp_path / "model" / "manifest.json").read_text())
     assert written["data_sha256"] == manifest["data_sha256"] and len(written["data_sha256"]) == 64
     assert written["seed"] == 0 and written["command"].startswith("python -m training.pipeline")
+    assert written["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", written["commit"])  # None outside git
     # no training data came from the evaluation seeds
     for line in (tmp_path / "data" / "trajectories.jsonl").read_text().splitlines():
         episode = json.loads(line)["image"][0]
