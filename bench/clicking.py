@@ -71,6 +71,7 @@ from torch import nn
 
 from bench.copying import learning, over_seeds
 from envs.actions import Click, format_action, parse_action
+from envs.base import expert_reply
 from envs.render import Panel, Screen, hits, render
 from envs.tasks.click_target import LABELS, read_out
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -162,7 +163,7 @@ def reply(recipe: Recipe, click: Click, screen: Screen) -> str:
     else:
         plain = format_action(replace(click, target=""))
         action = f"{click.target}: {plain}" if recipe.echo else plain
-    return f"{read_out(screen)}\n{action}" if recipe.transcribe else action
+    return expert_reply(action, read_out(screen)) if recipe.transcribe else action
 
 
 class IdealTower(nn.Module):
