@@ -21,7 +21,9 @@
    access-code questions are replayed in both and in trajectory fine-tuning, which keeps
    more of that; stage 3 runs twice too, then (``recall``) on access-code questions asked
    several screens after the code: copying from the screen just before a question does
-   not carry over to an earlier screen, which has its own plateau; trajectory fine-tuning
+   not carry over to an earlier screen, which has its own plateau; the ``click`` run's
+   toolbars are replayed in ``recall`` and trajectory fine-tuning, which otherwise lose
+   the click (a ``recall`` run without them clicked no toolbar); trajectory fine-tuning
    leaves the projector as stage 3 left it, and reads each episode a second time with
    only its last action labelled, since its many ``wait()`` replies otherwise teach it to
    wait at the question too;
@@ -230,14 +232,16 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         ("multi", "multi", [source("sequences"), source("questions", 0.2), source("codes", 0.1), source("texts")],
          {"lr": preset.lr / 4}),
         # a code several screens after it was shown: copying from the screen just before the
-        # question does not carry over to that, which leaves its own plateau here
-        ("recall", "multi", [source("recalls"), source("codes", 0.1)], {"lr": preset.lr / 2, "schedule": "constant"}),
-        # codes replayed here too (trajectory fine-tuning alone lost the reading); at half
+        # question does not carry over to that, which leaves its own plateau here; the clicks
+        # replayed, since without them this run forgot the click that ``click`` had taught
+        ("recall", "multi", [source("recalls"), source("codes", 0.1), source("clicks", 0.05)],
+         {"lr": preset.lr / 2, "schedule": "constant"}),
+        # codes and clicks replayed here too (trajectory fine-tuning alone lost the reading); at half
         # this rate it never learnt when to type; with the projector frozen it keeps more
         # of the reading (docs/benchmarks.md); each episode a second time with only its last
         # action labelled, since its many wait() replies taught it to wait at the form too
         ("trajectory", "trajectory", [source("trajectories"), source("trajectories", mask_history=True),
-                                      source("codes", 0.05)], {"trains": ("llm",)}),
+                                      source("codes", 0.05), source("clicks", 0.02)], {"trains": ("llm",)}),
     ]
     configs, previous = [], runs / "tower" / "model"
     for name, stage, data, settings in plan:
