@@ -1,6 +1,6 @@
 """Does a model read its screens? Two probes on held-out screens (seeds from ``EVAL_SEED``):
 
-    python -m bench.reading [--model DIR] [--screens 200] [--questions 40] [--out FILE.json]
+    python -m bench.reading [--model DIR] [--screens 200] [--questions 40] [--recall-spans 3 16 50] [--out FILE.json]
 
 1. **The tower's tokens.** A linear ``training.tower.SlotHead`` is fitted on the frozen
    tower's pooled tokens of training-seed screens (access codes and toolbars), then
@@ -18,6 +18,10 @@
    questions get (1 when the click ignores which button is asked, 3 when it follows it);
    and the lone button's hits (the copy of a centre, with nothing to choose). This says
    whether the LLM reads the tokens, and where a click goes wrong.
+3. **Recall across screens** (``--recall-spans``): held-out access codes asked that many
+   screens after they were shown, in the ``recall`` run's multi-screen format, without
+   the rollouts that ``envs.rollout`` needs (so it also scores models before trajectory
+   fine-tuning). A copy that fades with distance falls with the span.
 
 A model whose tower reads but whose answers do not has its bottleneck in the LLM.
 """
@@ -118,10 +122,11 @@ def probe_tower(model: LongLLaVA, train: int, test: int, steps: int = 600) -> di
 
 
 @torch.no_grad()
-def answer(model: LongLLaVA, image: Image.Image, question: str, tokenizer: ByteTokenizer, max_new: int = 16) -> str:
-    """A greedy answer to one single-screen question, in the training format."""
-    ids = tokenize_prompt(tokenizer, user_turn(f"{IMAGE_MARKUP}\n{question}") + ASSISTANT_PREFIX)
-    features = image_features(model, preprocess_image(image, model.config)[None])
+def answer(model: LongLLaVA, images: list[Image.Image], question: str, tokenizer: ByteTokenizer,
+           max_new: int = 16) -> str:
+    """A greedy answer to a question on one or more screens, in the training format."""
+    ids = tokenize_prompt(tokenizer, user_turn(f"{IMAGE_MARKUP}\n" * len(images) + question) + ASSISTANT_PREFIX)
+    features = image_features(model, torch.stack([preprocess_image(image, model.config) for image in images]))
     eos, out = set(model.config.eos_token_ids), []
     for _ in range(max_new):
         hidden = model.llm.forward_batch(model.embed(ids + out, features)[None], False)
@@ -137,7 +142,7 @@ def probe_answers(model: LongLLaVA, n: int) -> dict:
     codes = 0
     for k in range(n):
         ep = episode("RecallCode", EVAL_SEED + k, difficulty="easy", memory_span=2)
-        codes += answer(model, picture(ep.screens[0]), "What is the access code?", tokenizer) == ep.solution.text
+        codes += answer(model, [picture(ep.screens[0])], "What is the access code?", tokenizer) == ep.solution.text
     return {"codes_answered": codes / n} | probe_clicks(model, n, tokenizer)
 
 
@@ -155,7 +160,7 @@ def probe_clicks(model: LongLLaVA, n: int, tokenizer: ByteTokenizer) -> dict:
         buttons = [e for e in screen.elements if isinstance(e, Panel) and e.label]
         points = set()
         for button, (question, _) in zip(buttons, screen_questions("ClickTarget", ep, 0), strict=True):
-            action = clicked_at(answer(model, picture(screen), question, tokenizer, CLICK_TOKENS))
+            action = clicked_at(answer(model, [picture(screen)], question, tokenizer, CLICK_TOKENS))
             clicked = isinstance(action, Click)
             hit += clicked and hits(button.box, action, SIZE, SIZE)
             other += clicked and any(hits(b.box, action, SIZE, SIZE) for b in buttons if b is not button)
@@ -165,10 +170,26 @@ def probe_clicks(model: LongLLaVA, n: int, tokenizer: ByteTokenizer) -> dict:
         asked += len(buttons)
         distinct += len(points)
         lone = named_alone(ep)
-        action = clicked_at(answer(model, picture(lone), lone.instruction, tokenizer, CLICK_TOKENS))
+        action = clicked_at(answer(model, [picture(lone)], lone.instruction, tokenizer, CLICK_TOKENS))
         alone += isinstance(action, Click) and hits(ep.target, action, SIZE, SIZE)
     return {"clicks_hit": hit / asked, "clicks_other_button": other / asked, "clicks_name_asked": named / asked,
             "distinct_points": distinct / n, "alone_hit": alone / n}
+
+
+def probe_recall(model: LongLLaVA, n: int, spans: list[int]) -> dict:
+    """``n`` held-out access codes asked ``span`` screens after they were shown, in the
+    ``recall`` run's multi-screen format: the share typed right at each span. A copy that
+    fades with distance falls with the span; a lookup by attention, which has no positions
+    here, does not."""
+    tokenizer, out = ByteTokenizer(), {}
+    for span in spans:
+        right = 0
+        for k in range(n):
+            ep = episode("RecallCode", EVAL_SEED + 7_000 + k, difficulty="easy", memory_span=span)
+            reply = answer(model, [picture(s) for s in ep.screens], ep.screens[-1].instruction, tokenizer)
+            right += reply == ep.reply()
+        out[f"recall_{span}"] = right / n
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screens", type=int, default=200, help="held-out screens for the tower probe")
     parser.add_argument("--questions", type=int, default=40,
                         help="held-out access codes, and toolbars asked for each button (0: the tower alone)")
+    parser.add_argument("--recall-spans", type=int, nargs="*", default=[],
+                        help="also ask --questions codes this many screens after they were shown")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = (load_checkpoint(args.model) if args.model else default_model()).float().eval()
     result = probe_tower(model, 6 * args.screens, args.screens)
     if args.questions:
-        result |= probe_answers(model, args.questions)
+        result |= probe_answers(model, args.questions) | probe_recall(model, args.questions, args.recall_spans)
     columns = {"code_layouts": "code layouts (slots used)", "glyph_slots": "glyph slots (linear probe)",
                "codes_whole": "codes whole (probe)",
                "centre_digits": "centre digits (probe)", "label_letters": "nearest label's letters (probe)",
@@ -192,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                "codes_answered": "codes answered", "clicks_hit": "clicks hit the asked button",
                "clicks_other_button": "land on another button", "clicks_name_asked": "name the asked button",
                "distinct_points": "distinct points per toolbar (of 3)", "alone_hit": "lone button hit"}
-    print("| " + " | ".join(columns[k] for k in result) + " |")
+    print("| " + " | ".join(columns.get(k) or f"code typed {k[7:]} screens on" for k in result) + " |")
     print("|" + "---|" * len(result))
     print("| " + " | ".join(f"{v:.2f}" if k == "distinct_points" else f"{v}" if isinstance(v, int) else f"{v:.0%}"
                          for k, v in result.items()) + " |")
