@@ -1,4 +1,4 @@
-"""Does a model read its screens? Two probes on held-out screens (seeds from ``EVAL_SEED``):
+"""Does a model read its screens? Three probes on held-out screens (seeds from ``EVAL_SEED``):
 
     python -m bench.reading [--model DIR] [--screens 200] [--questions 40] [--recall-spans 3 16 50] [--out FILE.json]
 
