@@ -64,7 +64,9 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
     tokenizer = ByteTokenizer()
     rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
     empty = tokenizer.encode(EMPTY)[0]
-    head = SlotHead(model.config.mm_hidden_size, tokenizer.vocab_size)
+    with torch.random.fork_rng(devices=[]):  # the head's start is the seed's too, so a run repeats bit for bit
+        torch.manual_seed(seed)
+        head = SlotHead(model.config.mm_hidden_size, tokenizer.vocab_size)
     params = [*model.vision.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
