@@ -301,10 +301,11 @@ SEQUENCE_TASKS = {  # task -> (constructor arguments, memory spans to draw from)
 
 
 def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tiles_share: float = 0.1,
-              name: str = "sequences") -> Path:
+              name: str = "sequences", spans: tuple[int, ...] | None = None) -> Path:
     """``n`` multi-screen samples, in ``<name>.jsonl``: a short episode's screens as images
     (NeedleFrame's as a video) and the question its last screen asks; a ``tiles_share`` of
-    them is instead one toolbar as a tiled high-resolution image."""
+    them is instead one toolbar as a tiled high-resolution image. ``spans``: the memory
+    spans to draw from instead of each task's own short ones."""
     rng = random.Random(seed)
 
     def records() -> Iterator[dict]:
@@ -315,8 +316,8 @@ def sequences(writer: Writer, n: int, seed: int, weights: dict[str, float], tile
                        "tiles": True}
                 continue
             task = rng.choices(list(weights), list(weights.values()))[0]
-            kwargs, spans = SEQUENCE_TASKS[task]
-            ep = episode(task, data_seed(seed, k), memory_span=rng.choice(spans), **kwargs)
+            kwargs, task_spans = SEQUENCE_TASKS[task]
+            ep = episode(task, data_seed(seed, k), memory_span=rng.choice(spans or task_spans), **kwargs)
             *watched, question = ep.screens
             answer = ep.reply()
             if task == "NeedleFrame":  # the frames as a video, then the quiz screen

@@ -11,7 +11,7 @@ from envs.tasks.click_target import LABELS
 from model.checkpoint import load_checkpoint
 from model.default import DEFAULT_CONFIG, WEIGHTS_DIR, default_model
 from training import synthetic
-from training.pipeline import EVAL_SEED, PRESETS, run, stage_configs
+from training.pipeline import EVAL_SEED, PRESETS, RECALL_SPANS, run, stage_configs
 
 
 def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path, monkeypatch):
@@ -30,6 +30,9 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
     for line in (tmp_path / "data" / "screens" / "toolbars.jsonl").read_text().splitlines():
         names = {cell[synthetic.LABEL_SLOTS] for cell in json.loads(line)["cells"]} - {synthetic.EMPTY * 4}
         assert names and names <= buttons  # toolbars alone: every label named is a button's
+    recalls = (tmp_path / "data" / "screens" / "recalls.jsonl").read_text().splitlines()
+    gaps = {len(json.loads(line)["image"]) - 1 for line in recalls}  # the code's screen, then the gap
+    assert gaps <= set(RECALL_SPANS) and max(gaps) > 16  # codes asked from far back too
     model = load_checkpoint(tmp_path / "model")
     assert all(p.dtype == torch.float16 for p in model.parameters())  # shipped in half precision
     written = json.loads((tmp_path / "model" / "manifest.json").read_text())
