@@ -197,7 +197,7 @@ def data_hash(files: dict[str, Path]) -> str:
 # ----------------------------------------------------------------------------- stages
 def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple[float, float]:
     """The seeded model with its tower pretrained, in ``run/model`` (kept when an
-    interrupted run finished it); returns the first loss and the mean of the last five.
+    interrupted run finished it); returns its ``loss_ends``.
     The tower reads toolbars first, alone: beside the other screens a tower never learnt
     the white labels on coloured buttons, and a tower that had learnt them on toolbars
     kept them through the mix (docs/benchmarks.md)."""
@@ -213,8 +213,16 @@ def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple
                            logged=logged)
             logged += steps
         save_checkpoint(model, run / "model")
-    curve = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return curve[0], sum(curve[-5:]) / 5
+    return loss_ends(run / "metrics.jsonl")
+
+
+def loss_ends(metrics: Path) -> tuple[float, float]:
+    """The mean of a run's first five logged losses and of its last five (fewer in a short
+    run): one step's loss is too noisy to tell whether the run's loss fell (a trajectory
+    run's first step, one short episode, logged 0.05 against the run's 0.4)."""
+    curve = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    k = max(1, min(5, len(curve) // 2))
+    return sum(curve[:k]) / k, sum(curve[-k:]) / k
 
 
 def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int, workers: int = 1) -> list[TrainConfig]:
@@ -291,8 +299,7 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
         tick = time.perf_counter()
         fit(config)
         output = Path(config.output_dir)
-        curve = [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
-        losses[output.name] = (curve[0], curve[-1])
+        losses[output.name] = loss_ends(output / "metrics.jsonl")
         done(output.name, tick)
 
     tick = time.perf_counter()

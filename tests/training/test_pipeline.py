@@ -11,7 +11,7 @@ from envs.tasks.click_target import LABELS
 from model.checkpoint import load_checkpoint
 from model.default import DEFAULT_CONFIG, WEIGHTS_DIR, default_model
 from training import synthetic
-from training.pipeline import EVAL_SEED, PRESETS, RECALL_SPANS, run, stage_configs
+from training.pipeline import EVAL_SEED, PRESETS, RECALL_SPANS, loss_ends, run, stage_configs
 
 
 def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path, monkeypatch):
@@ -51,6 +51,14 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
         {s: (v["first_loss"], v["last_loss"]) for s, v in manifest["stages"].items()}
     resumed = load_checkpoint(tmp_path / "model")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_whether_a_run_learnt_is_judged_on_five_logged_losses_at_each_end(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    for curve, ends in (([0.05, 1.0, 1.0, 1.0, 0.95, 0.5, 0.4, 0.4, 0.4, 0.4, 0.4], (0.8, 0.4)),  # a lucky first step
+                        ([2.0, 1.0, 3.0], (2.0, 3.0))):  # a short run: one at each end
+        metrics.write_text("".join(json.dumps({"step": k, "loss": x}) + "\n" for k, x in enumerate(curve)))
+        assert loss_ends(metrics) == pytest.approx(ends)
 
 
 def test_a_toolbar_with_its_named_button_alone_keeps_that_button_and_the_question(tmp_path):
