@@ -248,15 +248,12 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # replayed, since without them this run forgot the click that ``click`` had taught
         ("recall", "multi", [source("recalls"), source("codes", 0.1), source("clicks", 0.05)],
          {"lr": preset.lr / 2, "schedule": "constant"}),
-        # codes, clicks and recalls replayed here too (trajectory fine-tuning alone lost the
-        # reading, and without the recalls typed a code from 50 screens back in 3 of 20 where
-        # ``recall`` had typed 11); at half this rate it never learnt when to type; with the
-        # projector frozen it keeps more of the reading (docs/benchmarks.md); each episode a
-        # second time with only its last action labelled, since its many wait() replies taught
-        # it to wait at the form too
+        # codes and clicks replayed here too (trajectory fine-tuning alone lost the reading); at half
+        # this rate it never learnt when to type; with the projector frozen it keeps more
+        # of the reading (docs/benchmarks.md); each episode a second time with only its last
+        # action labelled, since its many wait() replies taught it to wait at the form too
         ("trajectory", "trajectory", [source("trajectories"), source("trajectories", mask_history=True),
-                                      source("codes", 0.05), source("clicks", 0.02), source("recalls", 0.1)],
-         {"trains": ("llm",)}),
+                                      source("codes", 0.05), source("clicks", 0.02)], {"trains": ("llm",)}),
     ]
     configs, previous = [], runs / "tower" / "model"
     for name, stage, data, settings in plan:
