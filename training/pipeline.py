@@ -132,7 +132,7 @@ PRESETS = {
         architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, codes=6000, questions=8000, sequences=600,
         recalls=2000, clicks=10000, texts=300,
         trajectories=(
-            Episodes("RecallCode", 700, (1, 2, 4, 8, 16, 32, 48)), Episodes("ClickTarget", 400, (0,)),
+            Episodes("RecallCode", 500, (1, 2, 4, 8, 16)), Episodes("ClickTarget", 400, (0,)),
             Episodes("OrderEvents", 48, (4,)), Episodes("CountEvents", 48, (4,)), Episodes("NeedleFrame", 48, (6,)),
         ),
         toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
