@@ -80,6 +80,10 @@ SEQUENCE = {"RecallCode": 1.0, "ClickTarget": 0.5, "OrderEvents": 0.3, "CountEve
 # screens between the code and its question in the ``recall`` run: a run on gaps up to 16
 # recalled from 16 screens back and not from 50 (docs/benchmarks.md), so they reach past 50
 RECALL_SPANS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# runs that take each sample alone (gradient accumulation; the same update, as a step's loss
+# is a sum over its labelled tokens): a micro-batch pads to its longest sample, and the
+# recall run's gaps of 1 to 64 screens spent 40% of its time on padding (docs/benchmarks.md)
+ONE_AT_A_TIME = frozenset({"recall"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class Preset:
     batch: dict[str, int]  # run -> samples per step
     lr: float = 1e-3
     max_length: int = 8192
+    trajectory_weight: float = 1.0  # share of trajectory fine-tuning's change that ships (``interpolate``)
 
 
 TINY_ARCH = DEFAULT_CONFIG.model_copy(update=dict(
@@ -127,6 +132,7 @@ PRESETS = {
         toolbars=16, tower_toolbar_steps=10, tower_steps=20, tower_lr=3e-3,
         steps={"align": 12, "read": 8, "click": 8, "single": 30, "multi": 20, "recall": 8, "trajectory": 20},
         batch={"align": 8, "read": 8, "click": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 4}, lr=3e-3,
+        trajectory_weight=0.5,
     ),
     "demo": Preset(
         architecture=DEFAULT_CONFIG.to_dict(), screens=6000, captions=800, codes=6000, questions=8000, sequences=600,
@@ -138,6 +144,7 @@ PRESETS = {
         toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
         steps={"align": 40, "read": 700, "click": 1300, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
         batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
+        trajectory_weight=0.5,
     ),
 }
 
@@ -246,8 +253,7 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # a code several screens after it was shown: copying from the screen just before the
         # question does not carry over to that, which leaves its own plateau here; the clicks
         # replayed, since without them this run forgot the click that ``click`` had taught
-        ("recall", "multi", [source("recalls"), source("codes", 0.1), source("clicks", 0.05)],
-         {"lr": preset.lr / 2, "schedule": "constant"}),
+        ("recall", "multi", [source("recalls"), source("codes", 0.1), source("clicks", 0.05)], {"lr": preset.lr / 2}),
         # codes and clicks replayed here too (trajectory fine-tuning alone lost the reading); at half
         # this rate it never learnt when to type; with the projector frozen it keeps more
         # of the reading (docs/benchmarks.md); each episode a second time with only its last
@@ -259,7 +265,7 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
     for name, stage, data, settings in plan:
         configs.append(TrainConfig(
             stage=stage, data=data, output_dir=str(runs / name), init=str(previous),
-            batch_size=_per_worker(preset.batch[name], workers), num_workers=workers, max_steps=preset.steps[name],
+            **_micro_batches(name, preset.batch[name], workers), num_workers=workers, max_steps=preset.steps[name],
             warmup_ratio=0.05, max_length=preset.max_length, seed=seed, progress=True, log_every=5,
             **{"lr": preset.lr, **settings},
         ))
@@ -267,10 +273,13 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
     return configs
 
 
-def _per_worker(batch: int, workers: int) -> int:
+def _micro_batches(run: str, batch: int, workers: int) -> dict[str, int]:
+    """Each worker's share of a step's ``batch`` samples: in one micro-batch, or in
+    ``ONE_AT_A_TIME`` runs one sample per micro-batch."""
     if batch % workers:
         raise ValueError(f"a step's {batch} samples do not divide over {workers} workers")
-    return batch // workers
+    share = batch // workers
+    return {"batch_size": 1, "grad_accum": share} if run in ONE_AT_A_TIME else {"batch_size": share, "grad_accum": 1}
 
 
 def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, workers: int = 1) -> dict:
@@ -295,7 +304,8 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
     losses["tower"] = tower(preset, files, runs / "tower", seed)
     done("tower", tick)
 
-    for config in stage_configs(preset, files, runs, seed, workers):
+    configs = stage_configs(preset, files, runs, seed, workers)
+    for config in configs:
         tick = time.perf_counter()
         fit(config)
         output = Path(config.output_dir)
@@ -303,7 +313,8 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
         done(output.name, tick)
 
     tick = time.perf_counter()
-    final = runs / "trajectory" / "model"
+    last = Path(configs[-1].output_dir) / "model"
+    final = interpolate(Path(configs[-1].init), last, preset.trajectory_weight)
     manifest = {
         "command": "python -m training.pipeline " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("pipeline.py")
         else f"python -m training.pipeline --preset {preset_name}",
@@ -329,12 +340,25 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
     return manifest
 
 
-def write_half(source: Path, target: Path) -> None:
-    """The model at ``source`` in float16, in the same layout."""
-    model = load_checkpoint(source).half()
+def interpolate(base: Path, tuned: Path, weight: float) -> LongLLaVA:
+    """The checkpoint ``base + weight * (tuned - base)``, tensor by tensor: WiSE-FT
+    (Wortsman et al., 2022). Trajectory fine-tuning teaches the episode format and erodes
+    the exact reading that the runs before taught; the weights between keep more of both
+    than either end (docs/benchmarks.md)."""
+    model, start = load_checkpoint(tuned), load_checkpoint(base).state_dict()
+    if weight != 1.0:
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if value.is_floating_point():
+                    value.copy_(torch.lerp(start[name], value, weight))
+    return model
+
+
+def write_half(model: LongLLaVA, target: Path) -> None:
+    """``model`` in float16, in the LongLLaVA layout."""
     if target.exists():
         shutil.rmtree(target)
-    save_checkpoint(model, target)
+    save_checkpoint(model.half(), target)
 
 
 def _commit() -> str | None:

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from envs.tasks.click_target import LABELS
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.default import DEFAULT_CONFIG, WEIGHTS_DIR, default_model
+from model.longllava import LongLLaVA
 from training import synthetic
-from training.pipeline import EVAL_SEED, PRESETS, RECALL_SPANS, loss_ends, run, stage_configs
+from training.pipeline import EVAL_SEED, PRESETS, RECALL_SPANS, interpolate, loss_ends, run, stage_configs
 
 
 def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path, monkeypatch):
@@ -61,6 +62,21 @@ def test_whether_a_run_learnt_is_judged_on_five_logged_losses_at_each_end(tmp_pa
         assert loss_ends(metrics) == pytest.approx(ends)
 
 
+def test_the_shipped_weights_lie_between_the_last_run_and_the_one_it_started_from(tmp_path):
+    from training_fixtures import TINY
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(LongLLaVA(TINY), tmp_path / str(seed))
+    start, tuned = (load_checkpoint(tmp_path / str(seed)).state_dict() for seed in (0, 1))
+    for weight in (0.0, 0.5, 1.0):
+        mixed = interpolate(tmp_path / "0", tmp_path / "1", weight).state_dict()
+        assert mixed.keys() == tuned.keys()
+        for name, value in mixed.items():
+            torch.testing.assert_close(value, start[name] + weight * (tuned[name] - start[name]), rtol=0, atol=1e-6)
+    assert not torch.equal(start["llm.lm_head.weight"], tuned["llm.lm_head.weight"])
+
+
 def test_a_toolbar_with_its_named_button_alone_keeps_that_button_and_the_question(tmp_path):
     from envs.actions import Click, parse_action
 
@@ -99,6 +115,7 @@ def test_with_workers_each_stage_splits_its_steps_samples_and_keeps_their_number
     one, two = (stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=n) for n in (1, 2))
     assert [c.num_workers for c in two] == [2] * 7
     assert [c.samples_per_step for c in two] == [c.samples_per_step for c in one] == list(PRESETS["demo"].batch.values())
-    assert [c.batch_size for c in two] == [c.batch_size // 2 for c in one]
+    assert [c.batch_size * c.grad_accum for c in two] == [c.batch_size * c.grad_accum // 2 for c in one]
+    assert [c.batch_size for c in two if c.output_dir.endswith("recall")] == [1]  # long samples one at a time
     with pytest.raises(ValueError, match="do not divide over 3 workers"):
         stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=3)
