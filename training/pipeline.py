@@ -253,7 +253,7 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # a code several screens after it was shown: copying from the screen just before the
         # question does not carry over to that, which leaves its own plateau here; the clicks
         # replayed, since without them this run forgot the click that ``click`` had taught
-        ("recall", "multi", [source("recalls"), source("codes", 0.3), source("clicks", 0.05)], {"lr": preset.lr / 2}),
+        ("recall", "multi", [source("recalls"), source("codes", 0.1), source("clicks", 0.05)], {"lr": preset.lr / 2}),
         # codes and clicks replayed here too (trajectory fine-tuning alone lost the reading); at half
         # this rate it never learnt when to type; with the projector frozen it keeps more
         # of the reading (docs/benchmarks.md); each episode a second time with only its last
