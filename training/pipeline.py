@@ -1,6 +1,6 @@
 """The embedded demo model, end to end on a CPU:
 
-    python -m training.pipeline --preset demo --workers 2 --install   # about 84 min on 2 cores (docs/benchmarks.md)
+    python -m training.pipeline --preset demo --workers 2 --install   # about 68 min on 2 cores (docs/benchmarks.md)
     python -m training.pipeline --preset smoke                        # < 3 min: checks that the loss falls
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
@@ -27,7 +27,10 @@
    leaves the projector as stage 3 left it, and reads each episode a second time with
    only its last action labelled, since its many ``wait()`` replies otherwise teach it to
    wait at the question too;
-4. the result in half precision, with a manifest of how it was made; ``--install``
+4. the weights halfway between the ``recall`` run's and trajectory fine-tuning's
+   (``interpolate``, WiSE-FT): the episodes teach the action format and blur the letters
+   read; the midpoint keeps more of both (docs/benchmarks.md);
+5. the result in half precision, with a manifest of how it was made; ``--install``
    writes it into ``model/weights/default``, where ``default_model()`` finds it.
 
 An interrupted run resumes with the same command: finished data and tower are kept, and
