@@ -84,8 +84,8 @@ SEQUENCE = {"RecallCode": 1.0, "ClickTarget": 0.5, "OrderEvents": 0.3, "CountEve
 # recalled from 16 screens back and not from 50 (docs/benchmarks.md), so they reach past 50
 RECALL_SPANS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # runs that take each sample alone (gradient accumulation; the same update, as a step's loss
-# is a sum over its labelled tokens): a micro-batch pads to its longest sample, and the
-# recall run's gaps of 1 to 64 screens spent 40% of its time on padding (docs/benchmarks.md)
+# is a sum over its labelled tokens): a micro-batch pads to its longest sample, and with the
+# recall run's gaps of 1 to 64 screens padded batches took it 2.7x as long (docs/benchmarks.md)
 ONE_AT_A_TIME = frozenset({"recall"})
 
 
@@ -255,7 +255,8 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
          {"lr": preset.lr / 4}),
         # a code several screens after it was shown: copying from the screen just before the
         # question does not carry over to that, which leaves its own plateau here; the clicks
-        # replayed, since without them this run forgot the click that ``click`` had taught
+        # replayed, since without them this run forgot the click that ``click`` had taught;
+        # decaying, it ended with half the loss of a constant rate and clicked better after
         ("recall", "multi", [source("recalls"), source("codes", 0.1), source("clicks", 0.05)], {"lr": preset.lr / 2}),
         # codes and clicks replayed here too (trajectory fine-tuning alone lost the reading); at half
         # this rate it never learnt when to type; with the projector frozen it keeps more
