@@ -349,12 +349,14 @@ def interpolate(base: Path, tuned: Path, weight: float) -> LongLLaVA:
     (Wortsman et al., 2022). Trajectory fine-tuning teaches the episode format and erodes
     the exact reading that the runs before taught; the weights between keep more of both
     than either end (docs/benchmarks.md)."""
-    model, start = load_checkpoint(tuned), load_checkpoint(base).state_dict()
-    if weight != 1.0:
-        with torch.no_grad():
-            for name, value in model.state_dict().items():
-                if value.is_floating_point():
-                    value.copy_(torch.lerp(start[name], value, weight))
+    model = load_checkpoint(tuned)
+    if weight == 1.0:
+        return model
+    start = load_checkpoint(base).state_dict()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.lerp(start[name], value, weight))
     return model
 
 
