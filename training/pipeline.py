@@ -244,9 +244,8 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # one question kind first (see the docstring), decaying: at a constant rate its loss
         # left the plateau by step 550 and jumped back at 570 for good (docs/benchmarks.md)
         ("read", "single", [source("codes")], {}),
-        # then one more: toolbars, a share with the named button alone (see ``clicks``); the
-        # codes replayed at 0.6 (at 0.3 its model read 50% of held-out codes whole, at 0.6 80%)
-        ("click", "single", [source("clicks"), source("codes", 0.6)], {}),
+        # then one more: toolbars, a share with the named button alone (see ``clicks``)
+        ("click", "single", [source("clicks"), source("codes", 0.3)], {}),
         # stage 2 at a quarter of the rate, with the codes replayed: at the full rate its
         # question mix erased the copy that ``read`` had learnt (docs/benchmarks.md)
         ("single", "single", [source("questions"), source("codes", 0.3), source("clicks", 0.3)], {"lr": preset.lr / 4}),
