@@ -2,12 +2,15 @@
 AdamW) of ``training.loss.LossModel``, on real screens.
 
     python -m bench.train_throughput [--config demo|demo-state16|9b-layer] [--device cpu|cuda] [--steps 5] [--threads 1]
+                                     [--precision float32 bf16]
 
 Two batch shapes, as the demo pipeline trains: 16 single-screen questions (about 110
 positions each, one 36-token image) and one 16-step RecallCode episode in the agent's
 format (about 2,300 positions, 17 images). The first step is a warm-up and is not timed.
 ``9b-layer`` is LongLLaVA-9B's width (4096, 32 heads, 8 KV heads) at 8 layers with a
 small tower, for a GPU; on CUDA the step runs in bf16 autocast with the reference kernels.
+``--precision float32 bf16`` times both, side by side: bf16 is autocast, on a CPU only
+where it has native bf16 (``training.loss.bf16_autocast``; float32 elsewhere).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from model.longllava import LongLLaVA
 from model.tokenizer import ByteTokenizer
 from training.collate import Collator
 from training.data import Example
-from training.loss import LossModel
+from training.loss import LossModel, bf16_autocast
 from training.synthetic import SIZE, episode
 from envs.render import render
 
@@ -59,19 +62,18 @@ def episode_batch() -> list[Example]:
     return [Example("episode", tuple(turns), tuple(render(s, SIZE, SIZE) for s in ep.screens))]
 
 
-def measure(config: LongLLaVAConfig, device: str, samples: list[Example], steps: int) -> dict:
+def measure(config: LongLLaVAConfig, device: str, samples: list[Example], steps: int, bf16: bool) -> dict:
     torch.manual_seed(0)
     model = LongLLaVA(config).to(device)
     loss_model = LossModel(model, gradient_checkpointing=device == "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = Collator(config, ByteTokenizer(), max_length=1 << 16)(samples)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     times = []
     for step in range(steps + 1):
         if device == "cuda":
             torch.cuda.synchronize()
         tick = time.perf_counter()
-        with autocast:
+        with bf16_autocast(torch.device(device), cuda=bf16, cpu=bf16):
             loss, n = loss_model(batch)
         (loss / n).backward()
         optimizer.step()
@@ -91,12 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", nargs="+", choices=["float32", "bf16"], help="default: bf16 on CUDA, else float32")
     args = parser.parse_args(argv)
+    precisions = args.precision or ["bf16" if args.device.startswith("cuda") else "float32"]
     torch.set_num_threads(args.threads)
     result = {"config": args.config, "device": args.device, "threads": args.threads, "torch": torch.__version__}
     for name, samples in (("questions", question_batch()), ("episode", episode_batch())):
-        result[name] = measure(CONFIGS[args.config], args.device, samples, args.steps)
-        print(name, json.dumps(result[name]), flush=True)
+        for precision in precisions:
+            key = name if len(precisions) == 1 else f"{name}-{precision}"
+            result[key] = measure(CONFIGS[args.config], args.device, samples, args.steps, precision == "bf16")
+            print(key, json.dumps(result[key]), flush=True)
+        if len(precisions) == 2:
+            print(f"{name}: bf16 {result[name + '-float32']['step_s'] / result[name + '-bf16']['step_s']:.2f}x float32")
     print(json.dumps(result))
     return 0
 

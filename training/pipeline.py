@@ -37,7 +37,8 @@ An interrupted run resumes with the same command: finished data and tower are ke
 each stage resumes from its newest checkpoint (a finished stage from its last). With
 ``--workers N`` each stage after the tower runs data-parallel on N Ray Train workers
 (``training.distributed``), each taking 1/N of every step's samples, so the updates are
-those of one worker; the tower trains with N threads. Checkpoints are then Ray Train's,
+those of one worker; the tower trains with N threads, and the data is rendered on N
+processes (the same files as on one). Checkpoints are then Ray Train's,
 in each stage's ``ray`` directory, and such a run resumes the same way: after a worker
 fails, and with the same command (Ray Train restores each stage's run from there).
 
@@ -52,12 +53,15 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -120,6 +124,7 @@ class Preset:
     lr: float = 1e-3
     max_length: int = 8192
     trajectory_weight: float = 1.0  # share of trajectory fine-tuning's change that ships (``interpolate``)
+    cpu_bf16: bool = False  # bf16 autocast on a CPU that has it (``TrainConfig.cpu_bf16``), the tower's too
 
 
 TINY_ARCH = DEFAULT_CONFIG.model_copy(update=dict(
@@ -147,34 +152,46 @@ PRESETS = {
         toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
         steps={"align": 40, "read": 700, "click": 1300, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
         batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
-        trajectory_weight=0.5,
+        trajectory_weight=0.5, cpu_bf16=True,
     ),
 }
 
 
 # ----------------------------------------------------------------------------- data
-def make_data(preset: Preset, root: Path, seed: int) -> dict[str, Path]:
-    """Every stage's JSONL under ``root``; seeds stay below ``EVAL_SEED``. Data that an
-    interrupted run finished (the trajectories are written last) is kept."""
-    if (root / "trajectories.jsonl").exists():
-        names = ("screens", "toolbars", "captions", "codes", "questions", "sequences", "texts", "recalls", "clicks")
-        return {**{name: root / "screens" / f"{name}.jsonl" for name in names}, "trajectories": root / "trajectories.jsonl"}
-    writer = synthetic.Writer(root / "screens")
+def make_data(preset: Preset, root: Path, seed: int, workers: int = 1) -> dict[str, Path]:
+    """Every stage's JSONL under ``root``, generated on ``workers`` processes; seeds stay
+    below ``EVAL_SEED``. Data that an interrupted run finished (``files.json`` is written
+    last) is kept."""
+    done = root / "files.json"
+    if done.exists():
+        return {name: root / path for name, path in json.loads(done.read_text(encoding="utf-8")).items()}
     side = math.isqrt(LongLLaVAConfig.model_validate(preset.architecture).image_tokens)  # the pooled token grid
-    files = {
-        "screens": synthetic.screens(writer, preset.screens, seed + 1, READING, side),
-        "toolbars": synthetic.screens(writer, preset.toolbars, seed + 9, {"ClickTarget": 1.0}, side, "toolbars"),
-        "captions": synthetic.captions(writer, preset.captions, seed + 2, PERCEPTION),
-        "questions": synthetic.questions(writer, preset.questions, seed + 3, READING),
-        "sequences": synthetic.sequences(writer, preset.sequences, seed + 4, SEQUENCE),
-        "texts": synthetic.texts(writer, preset.texts, seed + 5),
-        "codes": synthetic.questions(writer, preset.codes, seed + 6, {"RecallCode": 1.0}, "codes"),
-        "recalls": synthetic.sequences(writer, preset.recalls, seed + 7, {"RecallCode": 1.0}, 0.0, "recalls",
-                                       RECALL_SPANS),
-        "clicks": synthetic.clicks(writer, preset.clicks, seed + 8, CLICK_ALONE_SHARE),
+    jobs = {  # name -> (generator, its arguments after the writer), the most images first (balances the pool)
+        "recalls": (synthetic.sequences, (preset.recalls, seed + 7, {"RecallCode": 1.0}, 0.0, "recalls", RECALL_SPANS)),
+        "clicks": (synthetic.clicks, (preset.clicks, seed + 8, CLICK_ALONE_SHARE)),
+        "questions": (synthetic.questions, (preset.questions, seed + 3, READING)),
+        "screens": (synthetic.screens, (preset.screens, seed + 1, READING, side)),
+        "toolbars": (synthetic.screens, (preset.toolbars, seed + 9, {"ClickTarget": 1.0}, side, "toolbars")),
+        "codes": (synthetic.questions, (preset.codes, seed + 6, {"RecallCode": 1.0}, "codes")),
+        "sequences": (synthetic.sequences, (preset.sequences, seed + 4, SEQUENCE)),
+        "captions": (synthetic.captions, (preset.captions, seed + 2, PERCEPTION)),
+        "texts": (synthetic.texts, (preset.texts, seed + 5)),
     }
-    files["trajectories"] = trajectories(preset.trajectories, root, seed)
+    if workers == 1:
+        files = {name: _generate(root / "screens", name, *job) for name, job in jobs.items()}
+        files["trajectories"] = trajectories(preset.trajectories, root, seed)
+    else:  # spawned, not forked: this process may already hold torch's thread pools
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {"trajectories": pool.submit(trajectories, preset.trajectories, root, seed)}
+            futures.update({name: pool.submit(_generate, root / "screens", name, *job) for name, job in jobs.items()})
+            files = {name: future.result() for name, future in futures.items()}
+    done.write_text(json.dumps({name: str(path.relative_to(root)) for name, path in files.items()}), encoding="utf-8")
     return files
+
+
+def _generate(images: Path, name: str, generator: Callable[..., Path], args: tuple) -> Path:
+    """One ``training.synthetic`` generator, writing its images as ``<name>-NNNNNNN.png``."""
+    return generator(synthetic.Writer(images, prefix=f"{name}-"), *args)
 
 
 def trajectories(jobs: tuple[Episodes, ...], root: Path, seed: int) -> Path:
@@ -220,7 +237,7 @@ def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple
         logged = 0
         for screens, steps in ((files["toolbars"], preset.tower_toolbar_steps), (files["screens"], preset.tower_steps)):
             pretrain_tower(model, screens, steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl",
-                           logged=logged)
+                           logged=logged, cpu_bf16=preset.cpu_bf16)
             logged += steps
         save_checkpoint(model, run / "model")
     return loss_ends(run / "metrics.jsonl")
@@ -270,7 +287,8 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         configs.append(TrainConfig(
             stage=stage, data=data, output_dir=str(runs / name), init=str(previous),
             **_micro_batches(name, preset.batch[name], workers), num_workers=workers, max_steps=preset.steps[name],
-            warmup_ratio=0.05, max_length=preset.max_length, seed=seed, progress=True, log_every=5,
+            warmup_ratio=0.05, max_length=preset.max_length, seed=seed, cpu_bf16=preset.cpu_bf16, progress=True,
+            log_every=5,
             **{"lr": preset.lr, **settings},
         ))
         previous = runs / name / "model"
@@ -301,7 +319,7 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
         bar.update()
 
     tick = time.perf_counter()
-    files = make_data(preset, out / "data", seed)
+    files = make_data(preset, out / "data", seed, workers)
     done("data", tick)
 
     tick = time.perf_counter()

@@ -82,13 +82,15 @@ def caption(screen: Screen) -> str:
 
 @dataclass
 class Writer:
-    """Writes PNGs under ``root/images`` and JSONL records to ``root/<name>.jsonl``."""
+    """Writes PNGs under ``root/images`` and JSONL records to ``root/<name>.jsonl``. Writers
+    with different ``prefix`` es can share ``root`` from different processes."""
 
     root: Path
+    prefix: str = ""
     count: int = 0
 
     def image(self, screen: Screen) -> str:
-        name = f"images/{self.count:07d}.png"
+        name = f"images/{self.prefix}{self.count:07d}.png"
         self.count += 1
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         Image.fromarray(render(screen, SIZE, SIZE)).save(self.root / name, compress_level=1)

@@ -12,7 +12,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.default import DEFAULT_CONFIG, WEIGHTS_DIR, default_model
 from model.longllava import LongLLaVA
 from training import synthetic
-from training.pipeline import EVAL_SEED, PRESETS, RECALL_SPANS, interpolate, loss_ends, run, stage_configs
+from training.pipeline import EVAL_SEED, PRESETS, RECALL_SPANS, interpolate, loss_ends, make_data, run, stage_configs
 
 
 def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path, monkeypatch):
@@ -119,3 +119,16 @@ def test_with_workers_each_stage_splits_its_steps_samples_and_keeps_their_number
     assert [c.batch_size for c in two if c.output_dir.endswith("recall")] == [1]  # long samples one at a time
     with pytest.raises(ValueError, match="do not divide over 3 workers"):
         stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=3)
+
+
+def test_data_made_on_two_processes_is_the_data_made_on_one(tmp_path):
+    serial = make_data(PRESETS["smoke"], tmp_path / "one", seed=0, workers=1)
+    parallel = make_data(PRESETS["smoke"], tmp_path / "two", seed=0, workers=2)
+    assert serial.keys() == parallel.keys()
+    for name in serial:  # trajectories name their screenshots by absolute path
+        one = serial[name].read_text().replace(str(tmp_path / "one"), "ROOT")
+        assert one == parallel[name].read_text().replace(str(tmp_path / "two"), "ROOT"), name
+    images = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert images == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
+    assert all((tmp_path / "one" / p).read_bytes() == (tmp_path / "two" / p).read_bytes() for p in images)
+    assert make_data(PRESETS["smoke"], tmp_path / "two", seed=0, workers=2) == parallel  # finished: kept
