@@ -65,7 +65,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(1, ge=1)
     seed: int = 0
     bf16: bool = True  # autocast on CUDA
-    cpu_bf16: bool = False  # autocast on a CPU with native bf16 (AVX512-BF16, AMX) too: faster, not float32's numbers
+    cpu_bf16: bool = False  # autocast on a CPU with native bf16 (AVX512-BF16, AMX) too; not float32's numbers
     gradient_checkpointing: bool = False
     num_workers: int = Field(1, ge=1)  # >1 runs on Ray Train
     device: str | None = None  # default: CUDA if present

@@ -124,7 +124,6 @@ class Preset:
     lr: float = 1e-3
     max_length: int = 8192
     trajectory_weight: float = 1.0  # share of trajectory fine-tuning's change that ships (``interpolate``)
-    cpu_bf16: bool = False  # bf16 autocast on a CPU that has it (``TrainConfig.cpu_bf16``), the tower's too
 
 
 TINY_ARCH = DEFAULT_CONFIG.model_copy(update=dict(
@@ -152,7 +151,7 @@ PRESETS = {
         toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
         steps={"align": 40, "read": 700, "click": 1300, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
         batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
-        trajectory_weight=0.5, cpu_bf16=True,
+        trajectory_weight=0.5,
     ),
 }
 
@@ -237,7 +236,7 @@ def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple
         logged = 0
         for screens, steps in ((files["toolbars"], preset.tower_toolbar_steps), (files["screens"], preset.tower_steps)):
             pretrain_tower(model, screens, steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl",
-                           logged=logged, cpu_bf16=preset.cpu_bf16)
+                           logged=logged)
             logged += steps
         save_checkpoint(model, run / "model")
     return loss_ends(run / "metrics.jsonl")
@@ -287,8 +286,7 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         configs.append(TrainConfig(
             stage=stage, data=data, output_dir=str(runs / name), init=str(previous),
             **_micro_batches(name, preset.batch[name], workers), num_workers=workers, max_steps=preset.steps[name],
-            warmup_ratio=0.05, max_length=preset.max_length, seed=seed, cpu_bf16=preset.cpu_bf16, progress=True,
-            log_every=5,
+            warmup_ratio=0.05, max_length=preset.max_length, seed=seed, progress=True, log_every=5,
             **{"lr": preset.lr, **settings},
         ))
         previous = runs / name / "model"

@@ -35,7 +35,6 @@ from model.longllava import LongLLaVA
 from model.tokenizer import ByteTokenizer
 from model.vision import preprocess_image
 
-from .loss import bf16_autocast
 from .synthetic import CELL_SLOTS, EMPTY
 
 SHOWING_WEIGHT = 5.0  # a slot that shows something counts 5 times an empty one
@@ -59,11 +58,9 @@ def slot_targets(cells: list[str], tokenizer: ByteTokenizer) -> torch.Tensor:
 
 
 def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int = 32, lr: float = 3e-3,
-                   seed: int = 0, log: Path | None = None, progress: bool = True, logged: int = 0,
-                   cpu_bf16: bool = False) -> list[float]:
+                   seed: int = 0, log: Path | None = None, progress: bool = True, logged: int = 0) -> list[float]:
     """Trains ``model.vision`` in place; returns the loss of every step. ``logged``: the
-    steps an earlier run (another phase) has written to ``log``, which this one follows.
-    ``cpu_bf16``: as ``TrainConfig.cpu_bf16``."""
+    steps an earlier run (another phase) has written to ``log``, which this one follows."""
     tokenizer = ByteTokenizer()
     rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
     empty = tokenizer.encode(EMPTY)[0]
@@ -83,8 +80,7 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
         picks = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
         pixels = torch.stack([preprocess_image(Image.open(records.parent / rows[i]["image"]), model.config) for i in picks])
         targets = torch.stack([slot_targets(rows[i]["cells"], tokenizer) for i in picks])  # [batch, cells, slots]
-        with bf16_autocast(model.device, cpu=cpu_bf16):
-            logits = head(model.vision(pixels)).float()  # [batch, cells, slots, vocab]
+        logits = head(model.vision(pixels))  # [batch, cells, slots, vocab]
         weights = 1.0 + (SHOWING_WEIGHT - 1.0) * (targets != empty)
         loss = (F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none") * weights.flatten()).sum() / weights.sum()
         optimizer.zero_grad(set_to_none=True)
