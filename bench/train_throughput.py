@@ -9,8 +9,8 @@ positions each, one 36-token image) and one 16-step RecallCode episode in the ag
 format (about 2,300 positions, 17 images). The first step is a warm-up and is not timed.
 ``9b-layer`` is LongLLaVA-9B's width (4096, 32 heads, 8 KV heads) at 8 layers with a
 small tower, for a GPU; on CUDA the step runs in bf16 autocast with the reference kernels.
-``--precision float32 bf16`` times both, side by side: bf16 is autocast, on a CPU only
-where it has native bf16 (``training.loss.bf16_autocast``; float32 elsewhere).
+``--precision float32 bf16`` times both side by side (bf16 autocast; on a CPU without
+native bf16 arithmetic, AVX512-BF16 or AMX, it is emulated and slow).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from model.longllava import LongLLaVA
 from model.tokenizer import ByteTokenizer
 from training.collate import Collator
 from training.data import Example
-from training.loss import LossModel, bf16_autocast
+from training.loss import LossModel
 from training.synthetic import SIZE, episode
 from envs.render import render
 
@@ -73,7 +73,7 @@ def measure(config: LongLLaVAConfig, device: str, samples: list[Example], steps:
         if device == "cuda":
             torch.cuda.synchronize()
         tick = time.perf_counter()
-        with bf16_autocast(torch.device(device), cuda=bf16, cpu=bf16):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             loss, n = loss_model(batch)
         (loss / n).backward()
         optimizer.step()

@@ -64,8 +64,7 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0)  # steps; 0: only at the end
     log_every: int = Field(1, ge=1)
     seed: int = 0
-    bf16: bool = True  # autocast on CUDA
-    cpu_bf16: bool = False  # autocast on a CPU with native bf16 (AVX512-BF16, AMX) too; not float32's numbers
+    bf16: bool = True  # autocast on CUDA; the CPU trains in float32
     gradient_checkpointing: bool = False
     num_workers: int = Field(1, ge=1)  # >1 runs on Ray Train
     device: str | None = None  # default: CUDA if present

@@ -24,16 +24,6 @@ from model.longllava import LongLLaVA
 from .collate import IGNORE_INDEX, Batch
 
 
-def bf16_autocast(device: torch.device, cuda: bool = True, cpu: bool = False) -> torch.autocast:
-    """Autocast to bfloat16 on CUDA (``cuda``), and on a CPU with native bf16 arithmetic
-    (AVX512-BF16 or AMX; ``cpu``); float32 elsewhere. The Mamba scan and the loss stay
-    float32. On this project's 2-core AVX512-BF16 machine the CPU gained little from it
-    (docs/benchmarks.md), so the demo build trains in float32."""
-    native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    enabled = cuda if device.type == "cuda" else cpu and native
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def _maybe_no_grad(module: nn.Module) -> contextlib.AbstractContextManager:
     trains = any(p.requires_grad for p in module.parameters())
     return contextlib.nullcontext() if trains else torch.no_grad()

@@ -37,7 +37,7 @@ from model.tokenizer import load_tokenizer
 from .collate import Batch, Collator
 from .config import DataSource, TrainConfig
 from .data import LlavaDataset
-from .loss import LossModel, bf16_autocast
+from .loss import LossModel
 from .stages import freeze_for
 from .state import load_training_state, save_training_state
 
@@ -197,8 +197,9 @@ class Trainer:
         self.skipped_count = 0
 
     # ------------------------------------------------------------------ pieces
-    def _autocast(self) -> torch.autocast:
-        return bf16_autocast(self.device, cuda=self.config.bf16, cpu=self.config.bf16 and self.config.cpu_bf16)
+    def _autocast(self):
+        on_cuda = self.device.type == "cuda" and self.config.bf16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_cuda)
 
     def _batch(self, dataset: Dataset, indices: list[int]) -> Batch:
         batch = self.collate([dataset[i] for i in indices])

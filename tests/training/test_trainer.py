@@ -13,7 +13,6 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.longllava import LongLLaVA
 from serving.engine import Engine
 from training.config import DataSource, TrainConfig
-from training.loss import bf16_autocast
 from training.trainer import LocalCheckpoints, Trainer, learning_rate, step_indices, worker_slices
 
 
@@ -128,17 +127,3 @@ def test_config_refuses_two_starting_points_and_bad_fields(tmp_path):
         config(tmp_path, init="x")
     with pytest.raises(ValueError):
         config(tmp_path, batch_sise=3)
-
-
-def test_cpu_bf16_trains_in_bfloat16_only_where_asked_and_the_cpu_has_it(tmp_path):
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    x = torch.randn(4, 4)
-    for asked in (False, True):
-        with bf16_autocast(torch.device("cpu"), cpu=asked):
-            assert (x @ x).dtype == (torch.bfloat16 if asked and native else torch.float32)
-    plain = Trainer(config(tmp_path, "fp32", max_steps=1))
-    cast = Trainer(config(tmp_path, "bf16", max_steps=1, cpu_bf16=True))
-    assert all(torch.equal(a, b) for a, b in zip(weights(plain.model).values(), weights(cast.model).values()))
-    first, second = plain._train_step(0)["loss"], cast._train_step(0)["loss"]
-    assert first == pytest.approx(second, rel=0.02)  # the same step, to bf16's precision
-    assert (first != second) == native  # and not float32's numbers where bf16 ran
