@@ -12,14 +12,15 @@
    and video questions, tiled screens, replay of stage 2 and text data) and trajectory
    fine-tuning, each a ``Trainer`` run starting from the one before, with LongLLaVA's
    recipes (the pretrained tower frozen throughout) but these changes: the LLM starts
-   random, so it trains in stage 1 along with the projector; stage 2 runs three times,
-   first (``read``) on the access-code question alone, then (``click``) on toolbars
-   asking for a named button, then on every question kind. A random LLM learns to copy
-   text out of image tokens only after a long plateau, which it leaves on one question
-   kind in a few hundred steps and within a mix of kinds not in the hour; the last
-   stage-2 run and stage 3 run at a quarter of the rate, and the
-   access-code questions are replayed in both and in trajectory fine-tuning, which keeps
-   more of that; stage 3 runs twice too, then (``recall``) on access-code questions asked
+   random, so it trains in stage 1 along with the projector; stage 2 runs twice, first
+   (``read``) on the access-code question alone, then (``click``) on toolbars asking
+   for a named button, and the other question kinds come in stage 3's replay (a third
+   stage-2 run on every kind changed neither the click nor the recall). A random LLM
+   learns to copy text out of image tokens only after a long plateau, which it leaves
+   on one question kind in a few hundred steps and within a mix of kinds not in the
+   hour; stage 3 runs at a quarter of the rate, and the access-code questions are
+   replayed in it and in trajectory fine-tuning, which keeps more of that; stage 3 runs
+   twice, then (``recall``) on access-code questions asked
    several screens after the code: copying from the screen just before a question does
    not carry over to an earlier screen, which has its own plateau; the ``click`` run's
    toolbars are replayed in ``recall`` and trajectory fine-tuning, which otherwise lose
@@ -137,8 +138,8 @@ PRESETS = {
         architecture=TINY_ARCH, screens=64, captions=48, codes=32, questions=48, sequences=24, recalls=16,
         clicks=16, texts=16, trajectories=(Episodes("RecallCode", 6, (2,)), Episodes("ClickTarget", 6, (0,))),
         toolbars=16, tower_toolbar_steps=10, tower_steps=20, tower_lr=3e-3,
-        steps={"align": 12, "read": 8, "click": 8, "single": 30, "multi": 20, "recall": 8, "trajectory": 20},
-        batch={"align": 8, "read": 8, "click": 8, "single": 8, "multi": 4, "recall": 4, "trajectory": 4}, lr=3e-3,
+        steps={"align": 12, "read": 8, "click": 8, "multi": 20, "recall": 8, "trajectory": 20},
+        batch={"align": 8, "read": 8, "click": 8, "multi": 4, "recall": 4, "trajectory": 4}, lr=3e-3,
         trajectory_weight=0.5,
     ),
     "demo": Preset(
@@ -149,8 +150,8 @@ PRESETS = {
             Episodes("OrderEvents", 48, (4,)), Episodes("CountEvents", 48, (4,)), Episodes("NeedleFrame", 48, (6,)),
         ),
         toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
-        steps={"align": 40, "read": 700, "click": 1300, "single": 150, "multi": 60, "recall": 150, "trajectory": 350},
-        batch={"align": 16, "read": 16, "click": 16, "single": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
+        steps={"align": 40, "read": 700, "click": 1300, "multi": 60, "recall": 150, "trajectory": 350},
+        batch={"align": 16, "read": 16, "click": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
         trajectory_weight=0.5,
     ),
 }
@@ -262,9 +263,6 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         ("read", "single", [source("codes")], {}),
         # then one more: toolbars, a share with the named button alone (see ``clicks``)
         ("click", "single", [source("clicks"), source("codes", 0.3)], {}),
-        # stage 2 at a quarter of the rate, with the codes replayed: at the full rate its
-        # question mix erased the copy that ``read`` had learnt (docs/benchmarks.md)
-        ("single", "single", [source("questions"), source("codes", 0.3), source("clicks", 0.3)], {"lr": preset.lr / 4}),
         # stage 3 at a quarter of the rate: at the full rate its new formats erased most of
         # the copying that stage 2 had learnt (docs/benchmarks.md)
         ("multi", "multi", [source("sequences"), source("questions", 0.2), source("codes", 0.1), source("texts")],

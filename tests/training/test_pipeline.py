@@ -21,7 +21,7 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
     monkeypatch.setattr(synthetic, "episode", lambda task, seed, **kw: seeds.append(seed) or played(task, seed, **kw))
     manifest = run("smoke", tmp_path)
     assert seeds and max(seeds) < EVAL_SEED  # no synthetic screen is an evaluation episode's
-    assert list(manifest["stages"]) == ["tower", "align", "read", "click", "single", "multi", "recall", "trajectory"]
+    assert list(manifest["stages"]) == ["tower", "align", "read", "click", "multi", "recall", "trajectory"]
     for stage, values in manifest["stages"].items():
         assert values["last_loss"] < values["first_loss"], stage
     tower_log = (tmp_path / "runs" / "tower" / "metrics.jsonl").read_text().splitlines()
