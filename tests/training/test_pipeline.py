@@ -113,7 +113,7 @@ def test_with_workers_each_stage_splits_its_steps_samples_and_keeps_their_number
     updates: tests/training/test_distributed.py), half of them on each Ray Train worker."""
     files = {name: tmp_path / f"{name}.jsonl" for name in ("captions", "codes", "questions", "sequences", "recalls", "clicks", "texts", "trajectories")}
     one, two = (stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=n) for n in (1, 2))
-    assert [c.num_workers for c in two] == [2] * 7
+    assert [c.num_workers for c in two] == [2] * len(PRESETS["demo"].steps)
     assert [c.samples_per_step for c in two] == [c.samples_per_step for c in one] == list(PRESETS["demo"].batch.values())
     assert [c.batch_size * c.grad_accum for c in two] == [c.batch_size * c.grad_accum // 2 for c in one]
     assert [c.batch_size for c in two if c.output_dir.endswith("recall")] == [1]  # long samples one at a time
