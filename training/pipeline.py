@@ -20,11 +20,11 @@
    on one question kind in a few hundred steps and within a mix of kinds not in the
    hour; stage 3 runs at a quarter of the rate, and the access-code questions are
    replayed in it and in trajectory fine-tuning, which keeps more of that; stage 3 runs
-   twice, then (``recall``) on access-code questions asked
-   several screens after the code: copying from the screen just before a question does
-   not carry over to an earlier screen, which has its own plateau; the ``click`` run's
-   toolbars are replayed in ``recall`` and trajectory fine-tuning, which otherwise lose
-   the click (a ``recall`` run without them clicked no toolbar); trajectory fine-tuning
+   twice, then (``recall``) on access-code questions asked several screens after the
+   code: copying from the screen just before a question does not carry over to an
+   earlier screen, which has its own plateau; the ``click`` run's toolbars are replayed
+   in ``recall`` and trajectory fine-tuning, which otherwise lose the click (a
+   ``recall`` run without them clicked no toolbar); trajectory fine-tuning
    leaves the projector as stage 3 left it, and reads each episode a second time with
    only its last action labelled, since its many ``wait()`` replies otherwise teach it to
    wait at the question too;

@@ -83,7 +83,7 @@ def caption(screen: Screen) -> str:
 @dataclass
 class Writer:
     """Writes PNGs under ``root/images`` and JSONL records to ``root/<name>.jsonl``. Writers
-    with different ``prefix`` es can share ``root`` from different processes."""
+    with different prefixes can share ``root`` from different processes."""
 
     root: Path
     prefix: str = ""
