@@ -150,7 +150,7 @@ PRESETS = {
             Episodes("OrderEvents", 48, (4,)), Episodes("CountEvents", 48, (4,)), Episodes("NeedleFrame", 48, (6,)),
         ),
         toolbars=6000, tower_toolbar_steps=1400, tower_steps=1000, tower_lr=3e-3,
-        steps={"align": 40, "read": 700, "click": 1300, "multi": 60, "recall": 150, "trajectory": 350},
+        steps={"align": 40, "read": 700, "click": 2000, "multi": 60, "recall": 150, "trajectory": 350},
         batch={"align": 16, "read": 16, "click": 16, "multi": 8, "recall": 8, "trajectory": 2}, lr=2e-3,
         trajectory_weight=0.5,
     ),
@@ -262,7 +262,7 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # left the plateau by step 550 and jumped back at 570 for good (docs/benchmarks.md)
         ("read", "single", [source("codes")], {}),
         # then one more: toolbars, a share with the named button alone (see ``clicks``)
-        ("click", "single", [source("clicks"), source("codes", 0.3)], {}),
+        ("click", "single", [source("clicks"), source("codes", 0.6)], {}),
         # stage 3 at a quarter of the rate: at the full rate its new formats erased most of
         # the copying that stage 2 had learnt (docs/benchmarks.md)
         ("multi", "multi", [source("sequences"), source("questions", 0.2), source("codes", 0.1), source("texts")],
