@@ -36,12 +36,12 @@
 
 An interrupted run resumes with the same command: finished data and tower are kept, and
 each stage resumes from its newest checkpoint (a finished stage from its last). With
-``--workers N`` the tower and each stage after it run data-parallel on N Ray Train
-workers (``training.distributed``), each taking 1/N of every step's samples, so the
-updates are those of one worker, and the data is rendered on N processes (the same
-files as on one). Checkpoints are then Ray Train's, in each stage's ``ray`` directory,
-and such a run resumes the same way: after a worker fails, and with the same command
-(Ray Train restores each stage's run from there; the tower, which takes none, starts over).
+``--workers N`` each stage after the tower runs data-parallel on N Ray Train workers
+(``training.distributed``), each taking 1/N of every step's samples, so the updates are
+those of one worker; the tower trains with N threads, and the data is rendered on N
+processes (the same files as on one). Checkpoints are then Ray Train's,
+in each stage's ``ray`` directory, and such a run resumes the same way: after a worker
+fails, and with the same command (Ray Train restores each stage's run from there).
 
 Training seeds and evaluation seeds never meet: data comes from seeds below
 ``EVAL_SEED``, and ``training.evaluate`` plays episodes from ``EVAL_SEED`` on.
@@ -74,9 +74,9 @@ from model.longllava import LongLLaVA
 
 from . import synthetic
 from .config import DataSource, TrainConfig
-from .distributed import build_tower_on_ray, fit
+from .distributed import fit
 from .synthetic import EVAL_SEED, data_seed
-from .tower import build_tower
+from .tower import pretrain_tower
 from .trajectories import write_records
 
 log = logging.getLogger(__name__)
@@ -222,19 +222,24 @@ def data_hash(files: dict[str, Path]) -> str:
 
 
 # ----------------------------------------------------------------------------- stages
-def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int, workers: int = 1) -> tuple[float, float]:
+def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple[float, float]:
     """The seeded model with its tower pretrained, in ``run/model`` (kept when an
-    interrupted run finished it), on ``workers`` Ray Train workers; returns its ``loss_ends``.
+    interrupted run finished it); returns its ``loss_ends``.
     The tower reads toolbars first, alone: beside the other screens a tower never learnt
     the white labels on coloured buttons, and a tower that had learnt them on toolbars
     kept them through the mix (docs/benchmarks.md)."""
     if not (run / "model" / "config.json").exists():
-        job = dict(architecture=preset.architecture, lr=preset.tower_lr, seed=seed, phases=[
-            (str(files["toolbars"]), preset.tower_toolbar_steps), (str(files["screens"]), preset.tower_steps)])
-        if workers > 1:
-            build_tower_on_ray(**job, run=run, num_workers=workers)
-        else:
-            build_tower(**job, run=str(run))
+        architecture = LongLLaVAConfig.model_validate(preset.architecture)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LongLLaVA(architecture)
+        run.mkdir(parents=True, exist_ok=True)
+        logged = 0
+        for screens, steps in ((files["toolbars"], preset.tower_toolbar_steps), (files["screens"], preset.tower_steps)):
+            pretrain_tower(model, screens, steps, lr=preset.tower_lr, seed=seed, log=run / "metrics.jsonl",
+                           logged=logged)
+            logged += steps
+        save_checkpoint(model, run / "model")
     return loss_ends(run / "metrics.jsonl")
 
 
@@ -298,6 +303,7 @@ def _micro_batches(run: str, batch: int, workers: int) -> dict[str, int]:
 def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, workers: int = 1) -> dict:
     preset = PRESETS[preset_name]
     commit = _commit()  # the tree the run starts from, not the one it ends in
+    torch.set_num_threads(workers)  # the tower trains here, on as many cores as the workers would take
     began = time.perf_counter()
     runs = out / "runs"
     steps = ["data", "tower", *preset.steps, "write"]
@@ -313,7 +319,7 @@ def run(preset_name: str, out: Path, seed: int = 0, install: bool = False, worke
     done("data", tick)
 
     tick = time.perf_counter()
-    losses["tower"] = tower(preset, files, runs / "tower", seed, workers)
+    losses["tower"] = tower(preset, files, runs / "tower", seed)
     done("tower", tick)
 
     configs = stage_configs(preset, files, runs, seed, workers)

@@ -26,15 +26,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model.checkpoint import save_checkpoint
-from model.config import LongLLaVAConfig
 from model.longllava import LongLLaVA
 from model.tokenizer import ByteTokenizer
 from model.vision import preprocess_image
@@ -42,7 +38,6 @@ from model.vision import preprocess_image
 from .synthetic import CELL_SLOTS, EMPTY
 
 SHOWING_WEIGHT = 5.0  # a slot that shows something counts 5 times an empty one
-TOKENIZER = ByteTokenizer()
 
 
 class SlotHead(nn.Module):
@@ -62,34 +57,17 @@ def slot_targets(cells: list[str], tokenizer: ByteTokenizer) -> torch.Tensor:
     return torch.tensor([tokenizer.encode(cell) for cell in cells])
 
 
-class SlotReader(nn.Module):
-    """The tower and its slot head: the module that DDP wraps, so its forward is the whole
-    computation of a step."""
-
-    def __init__(self, vision: nn.Module, head: SlotHead):
-        super().__init__()
-        self.vision, self.head = vision, head
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.vision(pixels))
-
-
 def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int = 32, lr: float = 3e-3,
                    seed: int = 0, log: Path | None = None, progress: bool = True, logged: int = 0) -> list[float]:
     """Trains ``model.vision`` in place; returns the loss of every step. ``logged``: the
-    steps an earlier run (another phase) has written to ``log``, which this one follows.
-    In a process group, each of the N workers takes every N-th screen of a step's
-    ``batch_size``, and the step's loss is weighted over the whole batch, so the updates
-    are those of one worker (``build_tower``)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    steps an earlier run (another phase) has written to ``log``, which this one follows."""
+    tokenizer = ByteTokenizer()
     rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
+    empty = tokenizer.encode(EMPTY)[0]
     with torch.random.fork_rng(devices=[]):  # the head's start is the seed's too, so a run repeats bit for bit
         torch.manual_seed(seed)
-        head = SlotHead(model.config.mm_hidden_size, TOKENIZER.vocab_size)
-    reader = SlotReader(model.vision, head)
-    params = list(reader.parameters())
-    if world > 1:  # the tower's layers after the one LLaVA reads from get no gradient
-        reader = DistributedDataParallel(reader, find_unused_parameters=True)
+        head = SlotHead(model.config.mm_hidden_size, tokenizer.vocab_size)
+    params = [*model.vision.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     warmup = max(1, steps // 20)
@@ -99,53 +77,19 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
     for step in tqdm(range(steps), desc="tower", unit="step", disable=not progress, dynamic_ncols=True):
         for group in optimizer.param_groups:  # warmup, then cosine to zero
             group["lr"] = lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
-        picks = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=generator).tolist()]
-        weighted, total = slot_loss(reader, picks, records.parent, model.config, slice(rank, None, world))
-        # DDP averages the workers' gradients; the world factor turns that into the batch's sum
-        (weighted * world / total).backward()
+        picks = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
+        pixels = torch.stack([preprocess_image(Image.open(records.parent / rows[i]["image"]), model.config) for i in picks])
+        targets = torch.stack([slot_targets(rows[i]["cells"], tokenizer) for i in picks])  # [batch, cells, slots]
+        logits = head(model.vision(pixels))  # [batch, cells, slots, vocab]
+        weights = 1.0 + (SHOWING_WEIGHT - 1.0) * (targets != empty)
+        loss = (F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none") * weights.flatten()).sum() / weights.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        weighted = weighted.detach()
-        if world > 1:
-            dist.all_reduce(weighted)
-        losses.append(float(weighted / total))
+        losses.append(float(loss.detach()))
         if out is not None:
             out.write(json.dumps({"step": logged + step + 1, "loss": losses[-1]}) + "\n")
     if out is not None:
         out.close()
     return losses
-
-
-def slot_loss(reader: nn.Module, picks: list[dict], root: Path, config: LongLLaVAConfig,
-              mine: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weighted cross-entropy summed over this worker's ``picks[mine]``, and the
-    weights summed over every pick: the step's loss is the one over the other."""
-    targets = torch.stack([slot_targets(row["cells"], TOKENIZER) for row in picks])  # [batch, cells, slots]
-    weights = 1.0 + (SHOWING_WEIGHT - 1.0) * (targets != TOKENIZER.encode(EMPTY)[0])
-    pixels = torch.stack([preprocess_image(Image.open(root / row["image"]), config) for row in picks[mine]])
-    logits = reader(pixels)  # [batch / workers, cells, slots, vocab]
-    ce = F.cross_entropy(logits.flatten(0, 2), targets[mine].flatten(), reduction="none")
-    return (ce * weights[mine].flatten()).sum(), weights.sum()
-
-
-def build_tower(architecture: dict, phases: list[tuple[str, int]], run: str, lr: float, seed: int) -> None:
-    """The model seeded with ``seed``, its tower pretrained through each ``(records,
-    steps)`` phase in turn, saved in ``run/model``, with every step's loss in
-    ``run/metrics.jsonl``. The same on one process as on the workers of a process group
-    (``training.distributed.build_tower_on_ray``), where rank 0 writes."""
-    lead = not dist.is_initialized() or dist.get_rank() == 0
-    metrics = Path(run) / "metrics.jsonl"
-    if lead:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.unlink(missing_ok=True)  # an interrupted earlier try starts over
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LongLLaVA(LongLLaVAConfig.model_validate(architecture))
-    logged = 0
-    for records, steps in phases:
-        pretrain_tower(model, Path(records), steps, lr=lr, seed=seed, log=metrics if lead else None,
-                       progress=lead, logged=logged)
-        logged += steps
-    if lead:
-        save_checkpoint(model, Path(run) / "model")

@@ -1,6 +1,5 @@
 """Ray Train: real workers on a local Ray (gloo on the CPU), checked against one process."""
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -77,32 +76,3 @@ def test_a_run_resumes_after_a_worker_dies(tmp_path, local_ray):
     resumed = fit_on_ray(cut, max_failures=1, worker=crashing_worker)
     assert (Path(cut.output_dir) / "crashed").read_text() == "2"
     assert_close(final_weights(straight), final_weights(resumed))
-
-
-def test_the_tower_on_two_workers_is_the_tower_on_one(tmp_path, local_ray):
-    """The tower's pretraining, data-parallel (``--workers 2`` in the pipeline): each worker
-    reads half of a step's screens, and the loss is weighted over the whole step's."""
-    from training import synthetic
-    from training.distributed import build_tower_on_ray
-    from training.pipeline import TINY_ARCH
-    from training.tower import build_tower
-
-    records = synthetic.screens(synthetic.Writer(tmp_path / "data"), 12, seed=1, weights={"ClickTarget": 1.0}, side=6)
-    job = dict(architecture=TINY_ARCH, phases=[(str(records), 3), (str(records), 2)], lr=3e-3, seed=4)
-    build_tower(**job, run=str(tmp_path / "one"))
-    build_tower_on_ray(**job, run=tmp_path / "two", num_workers=2)
-    one, two = (final_weights(tmp_path / run / "model") for run in ("one", "two"))
-    assert_close(one, two)
-    assert any(not torch.equal(one[k], load_seeded(TINY_ARCH, 4)[k]) for k in one if k.startswith("vision."))
-    logs = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("one", "two")]
-    assert [len(log) for log in logs] == [5, 5]
-    losses = [[json.loads(line)["loss"] for line in log] for log in logs]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-
-
-def load_seeded(architecture: dict, seed: int) -> dict[str, torch.Tensor]:
-    from model.config import LongLLaVAConfig
-    from model.longllava import LongLLaVA
-
-    torch.manual_seed(seed)
-    return LongLLaVA(LongLLaVAConfig.model_validate(architecture)).state_dict()
