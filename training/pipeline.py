@@ -1,6 +1,6 @@
 """The embedded demo model, end to end on a CPU:
 
-    python -m training.pipeline --preset demo --workers 2 --install   # about 62 min on 2 cores (docs/benchmarks.md)
+    python -m training.pipeline --preset demo --workers 2 --install   # about 74 min on 2 cores (docs/benchmarks.md)
     python -m training.pipeline --preset smoke                        # < 3 min: checks that the loss falls
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
@@ -261,7 +261,10 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # one question kind first (see the docstring), decaying: at a constant rate its loss
         # left the plateau by step 550 and jumped back at 570 for good (docs/benchmarks.md)
         ("read", "single", [source("codes")], {}),
-        # then one more: toolbars, a share with the named button alone (see ``clicks``)
+        # then one more: toolbars, a share with the named button alone (see ``clicks``), the
+        # codes replayed at 0.6, for 2,000 steps: with 0.3 the code read whole fell from 95%
+        # to 50% in this run; with 0.6 and 1,300 steps the clicks lagged (42% hit); with both
+        # 0.6 and 2,000 steps it reads 70% and hits 87% (docs/benchmarks.md)
         ("click", "single", [source("clicks"), source("codes", 0.6)], {}),
         # stage 3 at a quarter of the rate: at the full rate its new formats erased most of
         # the copying that stage 2 had learnt (docs/benchmarks.md)
