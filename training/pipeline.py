@@ -262,9 +262,9 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         # left the plateau by step 550 and jumped back at 570 for good (docs/benchmarks.md)
         ("read", "single", [source("codes")], {}),
         # then one more: toolbars, a share with the named button alone (see ``clicks``), the
-        # codes replayed at 0.6, for 2,000 steps: with 0.3 the code read whole fell from 95%
-        # to 50% in this run; with 0.6 and 1,300 steps the clicks lagged (42% hit); with both
-        # 0.6 and 2,000 steps it reads 70% and hits 87% (docs/benchmarks.md)
+        # codes replayed at 0.6, for 2,000 steps: with 0.3 and 1,300 steps the run ended
+        # reading 50% of codes whole; with 0.6 and 1,300 steps the clicks lagged (42% hit);
+        # with 0.6 and 2,000 steps it reads 70% and hits 87% (docs/benchmarks.md)
         ("click", "single", [source("clicks"), source("codes", 0.6)], {}),
         # stage 3 at a quarter of the rate: at the full rate its new formats erased most of
         # the copying that stage 2 had learnt (docs/benchmarks.md)
