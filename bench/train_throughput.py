@@ -2,7 +2,7 @@
 AdamW) of ``training.loss.LossModel``, on real screens.
 
     python -m bench.train_throughput [--config demo|demo-state16|9b-layer] [--device cpu|cuda] [--steps 5] [--threads 1]
-                                     [--precision float32 bf16]
+                                     [--precision float32 bf16] [--kernels auto torch]
 
 Two batch shapes, as the demo pipeline trains: 16 single-screen questions (about 110
 positions each, one 36-token image) and one 16-step RecallCode episode in the agent's
@@ -11,16 +11,20 @@ format (about 2,300 positions, 17 images). The first step is a warm-up and is no
 small tower, for a GPU; on CUDA the step runs in bf16 autocast with the reference kernels.
 ``--precision float32 bf16`` times both side by side (bf16 autocast; on a CPU without
 native bf16 arithmetic, AVX512-BF16 or AMX, it is emulated and slow).
+``--kernels auto torch`` times the training kernels side by side: ``auto`` takes the C++
+scan on the CPU (``model.cpu_kernels``), ``torch`` the reference (``model.ops.training_kernels``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
 import torch
 
+from model import ops
 from model.config import LongLLaVAConfig, VisionConfig
 from model.default import DEFAULT_CONFIG
 from model.longllava import LongLLaVA
@@ -94,19 +98,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", nargs="+", choices=["float32", "bf16"], help="default: bf16 on CUDA, else float32")
+    parser.add_argument("--kernels", nargs="+", choices=["auto", "torch"], default=["auto"])
     args = parser.parse_args(argv)
     precisions = args.precision or ["bf16" if args.device.startswith("cuda") else "float32"]
     torch.set_num_threads(args.threads)
-    result = {"config": args.config, "device": args.device, "threads": args.threads, "torch": torch.__version__}
+    result = {"config": args.config, "device": args.device, "threads": args.threads, "torch": torch.__version__,
+              "training_kernels": {k: _kernels_name(k, args.device) for k in args.kernels}}
     for name, samples in (("questions", question_batch()), ("episode", episode_batch())):
-        for precision in precisions:
-            key = name if len(precisions) == 1 else f"{name}-{precision}"
-            result[key] = measure(CONFIGS[args.config], args.device, samples, args.steps, precision == "bf16")
+        keys = []
+        for precision, kernels in itertools.product(precisions, args.kernels):
+            key = "-".join([name] + [v for v, all_ in ((precision, precisions), (kernels, args.kernels)) if len(all_) > 1])
+            with ops.use_kernels(kernels):
+                result[key] = measure(CONFIGS[args.config], args.device, samples, args.steps, precision == "bf16")
             print(key, json.dumps(result[key]), flush=True)
-        if len(precisions) == 2:
-            print(f"{name}: bf16 {result[name + '-float32']['step_s'] / result[name + '-bf16']['step_s']:.2f}x float32")
+            keys.append(key)
+        for first, other in itertools.combinations(keys, 2):
+            print(f"{first} is {result[other]['step_s'] / result[first]['step_s']:.2f}x as fast as {other}")
     print(json.dumps(result))
     return 0
+
+
+def _kernels_name(choice: str, device: str) -> str:
+    with ops.use_kernels(choice):
+        return ops.training_kernels(device).__name__
 
 
 if __name__ == "__main__":

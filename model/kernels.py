@@ -125,12 +125,18 @@ def selective_scan(
     )
     dA, dBx = _discretize(xt, dtt, A, Bt, dt_bias)
     y, last = _scan(dA, dBx, Ct, ssm_state.float())
-    y = y[:, :L]
+    return skip_and_gate(y[:, :L], xt[:, :L], D, z, x.dtype), last
+
+
+def skip_and_gate(
+    y: torch.Tensor, xt: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The scan's time-major ``y`` plus the skip ``D * x``, gated by ``silu(z)``, as ``[batch, d_inner, L]``."""
     if D is not None:
-        y = y + xt[:, :L] * D.float()
+        y = y + xt * D.float()
     if z is not None:
         y = y * F.silu(z.transpose(1, 2).float())
-    return y.transpose(1, 2).to(x.dtype), last
+    return y.transpose(1, 2).to(dtype)
 
 
 def selective_state_update(

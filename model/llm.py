@@ -7,8 +7,8 @@ has no positional embedding: the Mamba layers carry order.
 
 Every mixer reads and writes a ``SessionState``, so the same ``forward`` serves a first
 prefill, an append onto a long history, and one-token decode. ``forward_batch`` is the
-training path: a right-padded batch from empty states, always through the differentiable
-pure-PyTorch kernels (the Triton kernels have no backward), with optional activation
+training path: a right-padded batch from empty states, through differentiable kernels
+(the Triton kernels have no backward; ``ops.training_kernels``), with optional activation
 checkpointing per layer. Module names match the
 LongLLaVA checkpoints' keys (``mamba``, ``self_attn``, ``moe``, ``pre_moe_layernorm``,
 ``final_layernorm``), so those load without renaming inside a layer.
@@ -86,11 +86,11 @@ class MambaMixer(nn.Module):
         return self.chunk(h, state, ops.kernels_for(h.device))
 
     def forward_full(self, h: torch.Tensor) -> torch.Tensor:
-        """``h [batch, L, hidden]`` from zero states, through the differentiable reference kernels."""
+        """``h [batch, L, hidden]`` from zero states, through differentiable kernels (``ops.training_kernels``)."""
         b, d = h.shape[0], self.d_inner
         k = self.conv1d.weight.shape[-1]
         zeros = MambaLayerState(h.new_zeros(b, d, k), h.new_zeros(b, d, self.d_state, dtype=torch.float32))
-        return self.chunk(h, zeros, reference)
+        return self.chunk(h, zeros, ops.training_kernels(h.device))
 
     def chunk(self, h: torch.Tensor, state: MambaLayerState, k: ModuleType) -> torch.Tensor:
         """A chunk ``h [batch, L, hidden]`` continuing from ``state`` (updated), on kernel set ``k``."""
@@ -300,8 +300,9 @@ class HybridLM(nn.Module):
         """The final-normed hidden states ``[batch, L, hidden]`` of whole sequences ``embeds
         [batch, L, hidden]``, each from an empty state: the training path.
 
-        Every op is causal, so right padding never changes the real positions. It runs the
-        pure-PyTorch kernels on every device, since the Triton kernels have no backward.
+        Every op is causal, so right padding never changes the real positions. It runs
+        differentiable kernels: the reference, with the C++ scan on the CPU where it builds
+        (``ops.training_kernels``); the Triton kernels have no backward.
         ``gradient_checkpointing`` recomputes each layer in the backward pass instead of
         keeping its activations (the scan's are ``L x d_inner x d_state`` floats).
         """

@@ -8,6 +8,10 @@ two in one benchmark run. Triton on CPU tensors needs its interpreter
 The Triton set covers the Mamba ops and the decode step's attention over a batch of
 sessions; attention over appended chunks is always torch SDPA (``model.kernels.attention``),
 whose CUDA flash kernel handles GQA and the lower-right causal mask of an append.
+
+Training (``HybridLM.forward_batch``) needs backward passes, which the Triton kernels do
+not have: it runs the reference, except that under ``auto`` on the CPU the selective scan
+is the C++ one of ``model.cpu_kernels`` where that builds (``training_kernels``).
 """
 
 from __future__ import annotations
@@ -79,6 +83,17 @@ def kernels_for(device: torch.device | str) -> ModuleType:
     """The module whose ``selective_scan``, ``selective_state_update``, ``causal_conv1d``,
     ``causal_conv1d_update`` and ``append_and_attend`` run on ``device``."""
     return _triton() if resolve(device) == "triton" else kernels  # type: ignore[return-value]
+
+
+def training_kernels(device: torch.device | str) -> ModuleType:
+    """The differentiable kernel set for ``device``: the C++ scan on the CPU under ``auto``
+    where it builds, the reference everywhere else."""
+    if _choice == "auto" and torch.device(device).type == "cpu":
+        from . import cpu_kernels
+
+        if not isinstance(cpu_kernels.load(), str):
+            return cpu_kernels
+    return kernels
 
 
 def describe(device: torch.device | str) -> str:

@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from model import kernels
+from model import cpu_kernels, kernels, ops
 from model.config import HybridLMConfig
 from model.llm import HybridLM
+
+CPP_SCAN = pytest.mark.skipif(isinstance(cpu_kernels.load(), str), reason=str(cpu_kernels.load()))
+SCANS = [kernels, pytest.param(cpu_kernels, marks=CPP_SCAN, id="cpp")]
 
 TINY = HybridLMConfig(
     vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=8, num_attention_heads=2,
@@ -27,8 +30,9 @@ def test_causal_conv1d_gradients():
     assert gradcheck(lambda *a: kernels.causal_conv1d(*a), (x, w, b, state))
 
 
+@pytest.mark.parametrize("module", SCANS)
 @pytest.mark.parametrize("length", [1, 7, 9])  # one position; padded to whole blocks; exact blocks
-def test_selective_scan_gradients(length):
+def test_selective_scan_gradients(length, module):
     d, n = 3, 2
     args = (
         f64(2, d, length), f64(2, d, length, seed=1, scale=0.5), -f64(d, n, seed=2).detach().abs().add(0.3).requires_grad_(),
@@ -37,12 +41,52 @@ def test_selective_scan_gradients(length):
     )
 
     def scan(x, dt, A, B, C, D, z, dt_bias, h0):
-        y, h = kernels.selective_scan(x, dt, A, B, C, D, z, dt_bias, h0)
+        y, h = module.selective_scan(x, dt, A, B, C, D, z, dt_bias, h0)
         return y.double(), h.double()
 
     # the reference scan computes in float32 internally; check it at float64 by patching that away
     with _float64():
         assert gradcheck(scan, args)
+
+
+@CPP_SCAN
+@pytest.mark.parametrize("optional", [True, False])  # with and without D, z and the dt bias
+def test_cpp_scan_matches_the_reference_in_float32(optional):
+    """The C++ scan against the reference at a training shape: outputs, final state, and
+    every input's gradient, from a non-zero starting state."""
+    b, d, n, length = 3, 32, 8, 50
+    args = [t.float().detach().requires_grad_() for t in (
+        f64(b, d, length), f64(b, d, length, seed=1, scale=0.5), -f64(d, n, seed=2).abs().add(0.3),
+        f64(b, n, length, seed=3), f64(b, n, length, seed=4), f64(d, seed=5), f64(b, d, length, seed=6),
+        f64(d, seed=7), f64(b, d, n, seed=8))]
+    if not optional:
+        args[5] = args[6] = args[7] = None
+    results = []
+    for module in (kernels, cpu_kernels):
+        for t in args:
+            if t is not None:
+                t.grad = None
+        y, h = module.selective_scan(*args)
+        (y.square().sum() + (h * h.detach().sign()).sum()).backward()
+        results.append([y, h] + [t.grad for t in args if t is not None])
+    for ours, reference in zip(results[1], results[0]):
+        assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-4 * float(reference.detach().abs().max()))
+
+
+@CPP_SCAN
+def test_training_path_takes_the_cpp_scan_and_agrees_with_the_reference():
+    torch.manual_seed(0)
+    llm = HybridLM(TINY)
+    ids = torch.randint(0, TINY.vocab_size, (2, 19))
+    assert ops.training_kernels("cpu") is cpu_kernels
+    grads = []
+    for choice in ("auto", "torch"):
+        llm.zero_grad()
+        with ops.use_kernels(choice):
+            llm.lm_head(llm.forward_batch(llm.embed_tokens(ids))).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in llm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5) for n in grads[0])
 
 
 def test_attention_gradients():
