@@ -11,19 +11,26 @@ The forward keeps only ``h_T``; the backward recomputes one row's states, then w
 positions backwards carrying ``dL/dh``. The inner loops run over ``d_inner``, which is
 contiguous in every tensor, so the compiler vectorises them (exp included).
 
-``torch.utils.cpp_extension`` compiles it at first use (about 30 s, once per machine: the
-build is cached). Where no compiler works, ``load()`` says why and the training path keeps
-the reference (``model.ops.training_kernels``). The conv is the reference's: it is cheap.
+``torch.utils.cpp_extension`` compiles it at first use with the system's C++ compiler and
+ninja (about 30 s), for this CPU (``-march=native``), and caches the build under
+``~/.cache/torch_extensions`` in a name that hashes the source, the flags, torch's version
+and the CPU's flags, so that no build meets a CPU or a source it was not made for. Where it
+does not build, ``load()`` says why and the training path keeps the reference
+(``model.ops.training_kernels``). The conv is the reference's: it is cheap.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import platform
+from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .kernels import causal_conv1d, skip_and_gate
 
@@ -101,8 +108,22 @@ void scan_backward(const F *__restrict__ delta, const F *__restrict__ u, const F
   }
 }
 
+// What the loops index: contiguous CPU tensors of one dtype, of agreeing sizes.
+void check(const torch::Tensor &delta, const torch::Tensor &u, const torch::Tensor &At,
+           const torch::Tensor &B, const torch::Tensor &C, const torch::Tensor &h) {
+  for (const auto &t : {delta, u, At, B, C, h})
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == delta.scalar_type(),
+                "the C++ scan takes contiguous CPU tensors of one dtype");
+  TORCH_CHECK(delta.dim() == 3 && At.dim() == 2 && B.dim() == 3 && h.dim() == 3 && u.sizes() == delta.sizes() &&
+                  C.sizes() == B.sizes() && B.size(0) == delta.size(0) && B.size(1) == delta.size(1) &&
+                  B.size(2) == At.size(0) && At.size(1) == delta.size(2) && h.size(0) == delta.size(0) &&
+                  h.size(1) == At.size(0) && h.size(2) == At.size(1),
+              "the C++ scan's inputs disagree in size");
+}
+
 std::vector<torch::Tensor> forward(torch::Tensor delta, torch::Tensor u, torch::Tensor At,
                                    torch::Tensor B, torch::Tensor C, torch::Tensor h0) {
+  check(delta, u, At, B, C, h0);
   auto y = torch::zeros_like(delta);
   auto h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "scan_forward", [&] {
@@ -116,6 +137,8 @@ std::vector<torch::Tensor> forward(torch::Tensor delta, torch::Tensor u, torch::
 std::vector<torch::Tensor> backward(torch::Tensor delta, torch::Tensor u, torch::Tensor At,
                                     torch::Tensor B, torch::Tensor C, torch::Tensor h0,
                                     torch::Tensor gy, torch::Tensor ghT) {
+  check(delta, u, At, B, C, h0);
+  check(gy, u, At, B, C, ghT);
   auto g = ghT.clone();  // ends as dL/dh0
   auto gdelta = torch::zeros_like(delta), gu = torch::zeros_like(u), gA = torch::zeros_like(At);
   auto gB = torch::zeros_like(B), gC = torch::zeros_like(C);
@@ -131,14 +154,27 @@ std::vector<torch::Tensor> backward(torch::Tensor delta, torch::Tensor u, torch:
 """
 
 
+_FLAGS = ["-O3", "-ffast-math", "-march=native"]
+
+
+def _build_name() -> str:
+    """The cached build's name: one per source, flags, torch and CPU, since a build made
+    for another CPU would crash with an illegal instruction rather than fail to load."""
+    try:
+        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    key = "\0".join([_SOURCE, *_FLAGS, torch.__version__, cpu])
+    return "longllava_cpu_scan_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 @functools.cache
 def load() -> ModuleType | str:
     """The compiled extension, or why it cannot be built here."""
     from torch.utils.cpp_extension import load_inline
 
     try:
-        return load_inline("longllava_cpu_scan", cpp_sources=_SOURCE, functions=["forward", "backward"],
-                           extra_cflags=["-O3", "-ffast-math", "-march=native"])
+        return load_inline(_build_name(), cpp_sources=_SOURCE, functions=["forward", "backward"], extra_cflags=_FLAGS)
     except Exception as e:  # noqa: BLE001 - a missing compiler or ninja shows as several error types
         reason = f"the C++ scan does not build here ({type(e).__name__}: {str(e).strip()[:300]})"
         log.warning("%s; training keeps the reference scan", reason)
@@ -154,29 +190,17 @@ class _Scan(torch.autograd.Function):
         inputs = [t.contiguous() for t in (delta, u, A.t(), B, C, h0.transpose(1, 2))]
         ctx.save_for_backward(*inputs)
         y, h = load().forward(*inputs)
-        return y, h.transpose(1, 2)
+        return y, h.transpose(1, 2).contiguous()
 
     @staticmethod
+    @once_differentiable  # the C++ backward builds no graph of its own
     def backward(ctx, gy, gh):
-        inputs = ctx.saved_tensors
-        gy = torch.zeros_like(inputs[0]) if gy is None else gy.contiguous()
-        gh = torch.zeros_like(inputs[-1]) if gh is None else gh.transpose(1, 2).contiguous()
-        gdelta, gu, gA, gB, gC, gh0 = load().backward(*inputs, gy, gh)
+        gdelta, gu, gA, gB, gC, gh0 = load().backward(*ctx.saved_tensors, gy.contiguous(), gh.transpose(1, 2).contiguous())
         return gdelta, gu, gA.t(), gB, gC, gh0.transpose(1, 2)
 
 
-def selective_scan(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    ssm_state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model.kernels.selective_scan``'s contract, on the C++ recurrence."""
+def selective_scan(x, dt, A, B, C, D, z, dt_bias, ssm_state):
+    """Mamba-1 selective scan over a chunk, continuing from ``ssm_state``; see ``model.kernels``."""
     xt, dtt, Bt, Ct = (t.transpose(1, 2).float() for t in (x, dt, B, C))
     delta = F.softplus(dtt if dt_bias is None else dtt + dt_bias.float())
     y, last = _Scan.apply(delta, xt, A.to(delta.dtype), Bt, Ct, ssm_state.to(delta.dtype))

@@ -304,7 +304,7 @@ class HybridLM(nn.Module):
         differentiable kernels: the reference, with the C++ scan on the CPU where it builds
         (``ops.training_kernels``); the Triton kernels have no backward.
         ``gradient_checkpointing`` recomputes each layer in the backward pass instead of
-        keeping its activations (the scan's are ``L x d_inner x d_state`` floats).
+        keeping its activations (the reference scan's are ``L x d_inner x d_state`` floats).
         """
         if embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(f"forward_batch takes [batch, L, {self.config.hidden_size}], got {tuple(embeds.shape)}")

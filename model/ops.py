@@ -1,4 +1,5 @@
-"""Which kernels the model runs: the pure-PyTorch reference or the Triton kernels.
+"""Which kernels the model runs: the pure-PyTorch reference, the Triton kernels, or (in
+training on the CPU) the C++ scan.
 
 ``auto`` (the default) takes Triton for CUDA tensors when ``triton`` imports, and the
 reference everywhere else. ``LONGLLAVA_KERNELS=auto|torch|triton`` in the environment, or

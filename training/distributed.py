@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from model import ops
+
 from .config import TrainConfig
 from .trainer import Trainer
 
@@ -68,6 +70,8 @@ def fit_on_ray(config: TrainConfig, max_failures: int = 2, worker: Callable[[dic
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps Ray on 127.0.0.1
         ray.init(include_dashboard=False, configure_logging=False)
     use_gpu = (config.device or "").startswith("cuda")
+    if not use_gpu:
+        ops.training_kernels("cpu")  # builds the C++ scan here once, not in every worker at the same time
     output = Path(config.output_dir).resolve()
     trainer = TorchTrainer(
         worker,

@@ -78,7 +78,8 @@ def test_training_path_takes_the_cpp_scan_and_agrees_with_the_reference():
     torch.manual_seed(0)
     llm = HybridLM(TINY)
     ids = torch.randint(0, TINY.vocab_size, (2, 19))
-    assert ops.training_kernels("cpu") is cpu_kernels
+    with ops.use_kernels("auto"):
+        assert ops.training_kernels("cpu") is cpu_kernels
     grads = []
     for choice in ("auto", "torch"):
         llm.zero_grad()
@@ -94,11 +95,12 @@ def test_attention_gradients():
     assert gradcheck(kernels.attention, (q, k, v))
 
 
-def test_whole_model_gradients_at_float64():
+@pytest.mark.parametrize("choice", ["torch", pytest.param("auto", marks=CPP_SCAN, id="cpp")])
+def test_whole_model_gradients_at_float64(choice):
     torch.manual_seed(0)
     llm = HybridLM(SMALLER).double()
     embeds = f64(2, 4, SMALLER.hidden_size, seed=9)
-    with _float64():
+    with _float64(), ops.use_kernels(choice):
         assert gradcheck(lambda e: llm.forward_batch(e), (embeds,), eps=1e-6, atol=1e-5)
 
 
