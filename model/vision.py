@@ -164,8 +164,17 @@ class VisionEncoder(nn.Module):
         size = self.tower.config.image_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise ValueError(f"pixels must be [N, 3, {size}, {size}], got {tuple(pixels.shape)}")
-        hidden = self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[self.select_layer]
-        return pool_image_features(hidden[:, 1:], self.image_tokens)  # drop CLS
+        return pool_image_features(self.selected_layer(pixels)[:, 1:], self.image_tokens)  # drop CLS
+
+    def selected_layer(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The tower's ``hidden_states[select_layer]``, running only the layers up to it:
+        LLaVA's -2 never reads the last layer, a quarter of the demo tower's forward."""
+        vision = getattr(self.tower, "vision_model", self.tower)  # nested in older transformers
+        layers = vision.encoder.layers
+        hidden = vision.pre_layrnorm(vision.embeddings(pixels))  # hidden_states[0]
+        for layer in layers[: self.select_layer % (len(layers) + 1)]:
+            hidden = layer(hidden, None)
+        return hidden
 
 
 class Projector(nn.Sequential):

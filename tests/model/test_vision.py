@@ -236,6 +236,20 @@ def test_36_token_encoder_pools_through_the_144_token_grid(encoder):
         torch.testing.assert_close(enc36(pixels), pool_image_features(pool_image_features(hidden, 144), 36))
 
 
+@pytest.mark.parametrize("select_layer", [-2, -1, 0, 1])
+def test_the_selected_layer_equals_the_towers_hidden_state_and_skips_the_layers_after_it(encoder, select_layer):
+    enc = VisionEncoder(config(mm_vision_select_layer=select_layer), tower=encoder.tower)
+    pixels = torch.randn(2, 3, 336, 336)
+    expected = encoder.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[select_layer]
+    assert torch.equal(enc.selected_layer(pixels), expected)
+    enc.tower.zero_grad(set_to_none=True)
+    enc(pixels).sum().backward()
+    layers = getattr(enc.tower, "vision_model", enc.tower).encoder.layers
+    used = select_layer % (len(layers) + 1)
+    assert all(p.grad is None for layer in layers[used:] for p in layer.parameters())
+    assert all(p.grad is not None for layer in layers[:used] for p in layer.parameters())
+
+
 def test_encoder_rejects_bad_configs_and_pixels(encoder):
     with pytest.raises(ValueError, match="CLS token"):
         VisionEncoder(config(mm_vision_select_feature="cls_patch"))
