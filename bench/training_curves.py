@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 3.0), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         rows = read(args.run / "runs" / stage / "metrics.jsonl")
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
+        trained = [r for r in rows if "loss" in r]  # an eval before the first step has no training loss
+        ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], lw=1, label="train")
         evals = [r for r in rows if r.get("eval_loss") is not None]
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="eval")

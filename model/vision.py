@@ -24,7 +24,7 @@ from .config import LongLLaVAConfig, VisionConfig
 from .prompt import as_rgb
 
 
-def _image_size(config: LongLLaVAConfig) -> int:
+def image_size(config: LongLLaVAConfig) -> int:
     """The tower's input size: from ``vision_config``, else that of CLIP ViT-L/14-336."""
     return (config.vision_config or VisionConfig()).image_size
 
@@ -37,7 +37,14 @@ _INTERMEDIATE_FACTOR = 4
 
 
 def preprocess_image(image: Any, config: LongLLaVAConfig) -> torch.Tensor:
-    """A PIL image or uint8 array to normalised ``[3, S, S]`` float32 pixels, as CLIP's processor.
+    """A PIL image or uint8 array to normalised ``[3, S, S]`` float32 pixels, as CLIP's processor:
+    ``normalise_pixels(fit_image(image, config), config)``."""
+    return normalise_pixels(fit_image(image, config), config)
+
+
+def fit_image(image: Any, config: LongLLaVAConfig) -> np.ndarray:
+    """The image as the tower's ``[S, S, 3]`` uint8 square, before normalisation (what a
+    trainer that reads each image many times may keep instead of its file).
 
     "pad" (LongLLaVA's setting) first centres the image on a square of the mean colour;
     both modes then resize the shortest edge to S (bicubic) and centre-crop, which for the
@@ -46,11 +53,15 @@ def preprocess_image(image: Any, config: LongLLaVAConfig) -> torch.Tensor:
     ``_resize_and_crop``, so that its cost stays within a few times its own or the output's size.
     """
     rgb = as_rgb(image)
-    size = _image_size(config)
+    size = image_size(config)
     if config.image_aspect_ratio == "pad":
         rgb = _pad_to_square(rgb, size, tuple(int(m * 255) for m in config.image_mean))
-    rgb = _resize_and_crop(rgb, size)
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return np.asarray(_resize_and_crop(rgb, size), dtype=np.uint8)
+
+
+def normalise_pixels(square: np.ndarray, config: LongLLaVAConfig) -> torch.Tensor:
+    """``fit_image``'s uint8 square to ``[3, S, S]`` float32 pixels in CLIP's normalisation."""
+    pixels = torch.from_numpy(square.astype(np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
     return ((pixels - mean) / std).contiguous()
@@ -135,10 +146,10 @@ class VisionEncoder(nn.Module):
             raise ValueError(
                 f"the tower's width is {tower.config.hidden_size} but mm_hidden_size is {config.mm_hidden_size}"
             )
-        if tower.config.image_size != _image_size(config):
+        if tower.config.image_size != image_size(config):
             raise ValueError(
                 f"the tower takes {tower.config.image_size} px images but the config preprocesses to "
-                f"{_image_size(config)} px; set vision_config.image_size"
+                f"{image_size(config)} px; set vision_config.image_size"
             )
         self.tower = tower
         self.select_layer = config.mm_vision_select_layer

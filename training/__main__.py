@@ -40,13 +40,14 @@ def parse_config(argv: list[str]) -> TrainConfig:
         parser.add_argument("--" + name.replace("_", "-"), type=kind)
     parser.add_argument("--trains", help="comma-separated parts that train, e.g. vision,projector,llm")
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument("--eval-on-start", action="store_true", default=None, help="the eval loss before step 1 too")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     fields: dict = json.loads(open(args.config, encoding="utf-8").read()) if args.config else {}
     fields["stage"] = args.stage
-    for name in [*FLAGS, "gradient_checkpointing", "bf16"]:
+    for name in [*FLAGS, "gradient_checkpointing", "eval_on_start", "bf16"]:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.data:

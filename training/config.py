@@ -61,6 +61,7 @@ class TrainConfig(BaseModel):
     max_length: int = Field(4096, ge=2)
 
     eval_every: int = Field(0, ge=0)  # steps; 0: only at the end
+    eval_on_start: bool = False  # the eval loss before the first step too (Hugging Face's option of that name)
     save_every: int = Field(0, ge=0)  # steps; 0: only at the end
     log_every: int = Field(1, ge=1)
     seed: int = 0

@@ -92,6 +92,7 @@ RECALL_SPANS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # is a sum over its labelled tokens): a micro-batch pads to its longest sample, and with the
 # recall run's gaps of 1 to 64 screens padded batches took it 2.7x as long (docs/benchmarks.md)
 ONE_AT_A_TIME = frozenset({"recall"})
+EVAL_SAMPLES = 16  # each run's eval set: the first records of its main data, scored before and after it
 
 
 @dataclass(frozen=True)
@@ -244,10 +245,16 @@ def tower(preset: Preset, files: dict[str, Path], run: Path, seed: int) -> tuple
 
 
 def loss_ends(metrics: Path) -> tuple[float, float]:
-    """The mean of a run's first five logged losses and of its last five (fewer in a short
-    run): one step's loss is too noisy to tell whether the run's loss fell (a trajectory
-    run's first step, one short episode, logged 0.05 against the run's 0.4)."""
-    curve = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    """Where a run's loss started and ended: its loss on a fixed eval set before the first
+    step and after the last, where it has one; else (the tower) the mean of its first five
+    logged losses and of its last five (fewer in a short run). The training loss judged a
+    trajectory run badly: its first steps at the warm-up rate already fitted the episodes
+    they drew, and the full rate then lifted the loss (docs/benchmarks.md)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
+    if rows[0]["step"] == 0 and len(evals) > 1:
+        return evals[0], evals[-1]
+    curve = [row["loss"] for row in rows]
     k = max(1, min(5, len(curve) // 2))
     return sum(curve[:k]) / k, sum(curve[-k:]) / k
 
@@ -255,6 +262,10 @@ def loss_ends(metrics: Path) -> tuple[float, float]:
 def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int, workers: int = 1) -> list[TrainConfig]:
     def source(name: str, fraction: float = 1.0, mask_history: bool = False) -> DataSource:
         return DataSource(path=str(files[name]), fraction=fraction, mask_history=mask_history)
+
+    def first(data: DataSource) -> DataSource:  # the fixed set that tells whether the run's loss fell
+        records = sum(1 for line in Path(data.path).read_text(encoding="utf-8").splitlines() if line.strip())
+        return data.model_copy(update={"fraction": min(1.0, EVAL_SAMPLES / records)})
 
     plan = [  # (run, stage, data, settings where the recipe is not LongLLaVA's)
         ("align", "align", [source("captions")], {"trains": ("projector", "llm")}),  # the LLM starts random
@@ -285,7 +296,8 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
     configs, previous = [], runs / "tower" / "model"
     for name, stage, data, settings in plan:
         configs.append(TrainConfig(
-            stage=stage, data=data, output_dir=str(runs / name), init=str(previous),
+            stage=stage, data=data, eval_data=[first(data[0])], eval_on_start=True,
+            output_dir=str(runs / name), init=str(previous),
             **_micro_batches(name, preset.batch[name], workers), num_workers=workers, max_steps=preset.steps[name],
             warmup_ratio=0.05, max_length=preset.max_length, seed=seed, progress=True, log_every=5,
             **{"lr": preset.lr, **settings},

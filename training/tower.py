@@ -21,6 +21,7 @@ Records are JSONL: ``{"image": path, "cells": ["Sign-in ...", ...]}``, one strin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -33,11 +34,14 @@ from tqdm import tqdm
 
 from model.longllava import LongLLaVA
 from model.tokenizer import ByteTokenizer
-from model.vision import preprocess_image
+from model.vision import fit_image, image_size, normalise_pixels
 
 from .synthetic import CELL_SLOTS, EMPTY
 
 SHOWING_WEIGHT = 5.0  # a slot that shows something counts 5 times an empty one
+# decoded screens kept in memory: each is read several times (the demo's 2,400 steps of 32
+# draw each of its 6,000 screens about 13 times), and decoding a PNG took a fifth of a step
+CACHE_BYTES = 1 << 30
 
 
 class SlotHead(nn.Module):
@@ -63,6 +67,12 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
     steps an earlier run (another phase) has written to ``log``, which this one follows."""
     tokenizer = ByteTokenizer()
     rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
+    side = image_size(model.config)
+
+    @functools.lru_cache(maxsize=CACHE_BYTES // (side * side * 3))
+    def square(i: int):
+        return fit_image(Image.open(records.parent / rows[i]["image"]), model.config)
+
     empty = tokenizer.encode(EMPTY)[0]
     with torch.random.fork_rng(devices=[]):  # the head's start is the seed's too, so a run repeats bit for bit
         torch.manual_seed(seed)
@@ -78,7 +88,7 @@ def pretrain_tower(model: LongLLaVA, records: Path, steps: int, batch_size: int 
         for group in optimizer.param_groups:  # warmup, then cosine to zero
             group["lr"] = lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
         picks = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
-        pixels = torch.stack([preprocess_image(Image.open(records.parent / rows[i]["image"]), model.config) for i in picks])
+        pixels = torch.stack([normalise_pixels(square(i), model.config) for i in picks])
         targets = torch.stack([slot_targets(rows[i]["cells"], tokenizer) for i in picks])  # [batch, cells, slots]
         logits = head(model.vision(pixels))  # [batch, cells, slots, vocab]
         weights = 1.0 + (SHOWING_WEIGHT - 1.0) * (targets != empty)

@@ -286,6 +286,8 @@ class Trainer:
                    disable=not (config.progress and self.rank == 0), dynamic_ncols=True)
         began, tokens_seen = time.perf_counter(), 0
         try:
+            if config.eval_on_start and start == 0 and self.eval_set is not None:
+                metrics.write(0, {"eval_loss": self.evaluate()})
             for step in range(start, self.total_steps):
                 values = self._train_step(step)
                 tokens_seen += values["tokens"]

@@ -54,12 +54,16 @@ def test_smoke_pipeline_builds_a_model_whose_loss_falls_in_every_stage(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
 
 
-def test_whether_a_run_learnt_is_judged_on_five_logged_losses_at_each_end(tmp_path):
+def test_whether_a_run_learnt_is_judged_on_its_eval_set_or_five_logged_losses_at_each_end(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     for curve, ends in (([0.05, 1.0, 1.0, 1.0, 0.95, 0.5, 0.4, 0.4, 0.4, 0.4, 0.4], (0.8, 0.4)),  # a lucky first step
                         ([2.0, 1.0, 3.0], (2.0, 3.0))):  # a short run: one at each end
         metrics.write_text("".join(json.dumps({"step": k, "loss": x}) + "\n" for k, x in enumerate(curve)))
         assert loss_ends(metrics) == pytest.approx(ends)
+    # with an eval set scored before the first step, its first and last scores decide
+    rows = [{"step": 0, "eval_loss": 2.5}, {"step": 1, "loss": 0.05}, {"step": 2, "loss": 0.6, "eval_loss": 0.7}]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert loss_ends(metrics) == (2.5, 0.7)
 
 
 def test_the_shipped_weights_lie_between_the_last_run_and_the_one_it_started_from(tmp_path):
@@ -112,11 +116,14 @@ def test_with_workers_each_stage_splits_its_steps_samples_and_keeps_their_number
     """``--workers 2``: the same samples per optimizer step as one worker (so the same
     updates: tests/training/test_distributed.py), half of them on each Ray Train worker."""
     files = {name: tmp_path / f"{name}.jsonl" for name in ("captions", "codes", "questions", "sequences", "recalls", "clicks", "texts", "trajectories")}
+    for path in files.values():  # each run's eval set is the first records of its data
+        path.write_text("{}\n" * 64)
     one, two = (stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=n) for n in (1, 2))
     assert [c.num_workers for c in two] == [2] * len(PRESETS["demo"].steps)
     assert [c.samples_per_step for c in two] == [c.samples_per_step for c in one] == list(PRESETS["demo"].batch.values())
     assert [c.batch_size * c.grad_accum for c in two] == [c.batch_size * c.grad_accum // 2 for c in one]
     assert [c.batch_size for c in two if c.output_dir.endswith("recall")] == [1]  # long samples one at a time
+    assert all(c.eval_on_start and c.eval_data == [c.data[0].model_copy(update={"fraction": 0.25})] for c in one)
     with pytest.raises(ValueError, match="do not divide over 3 workers"):
         stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=3)
 

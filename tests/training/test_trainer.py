@@ -57,6 +57,19 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
+def test_an_eval_on_start_scores_the_starting_weights_and_changes_no_update(tmp_path):
+    plain = Trainer(config(tmp_path, "plain", max_steps=3))
+    plain.fit()
+    evaluated = Trainer(config(tmp_path, "eval", max_steps=3, eval_data=[dataset(tmp_path)], eval_on_start=True))
+    before = evaluated.evaluate()
+    evaluated.fit()
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 0, "eval_loss": before} and [line["step"] for line in lines] == [0, 1, 2, 3]
+    assert lines[-1]["eval_loss"] < before
+    a, b = weights(plain.model), weights(evaluated.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # scoring draws no randomness and no data
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     big = Trainer(config(tmp_path, "big", batch_size=4, grad_accum=1, max_steps=3))
     big.fit()
