@@ -3,7 +3,8 @@
     python -m bench.training_curves runs/pipeline/demo --out docs/bench/training-loss.png
 
 Reads ``runs/tower/metrics.jsonl`` and each stage's ``runs/<stage>/metrics.jsonl``
-(training loss per logged step, eval loss where there is one).
+(training loss per logged step; the eval set's loss before the first step and after the
+last, where the run has one).
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], lw=1, label="train")
         evals = [r for r in rows if r.get("eval_loss") is not None]
         if evals:
-            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="eval")
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", ms=4, label="eval set")
         ax.set_title("tower pretraining" if stage == "tower" else f"stage: {stage}")
         ax.set_xlabel("optimizer step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("token loss (nats)")
-    axes[0][0].legend()
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

@@ -1,6 +1,6 @@
 """The embedded demo model, end to end on a CPU:
 
-    python -m training.pipeline --preset demo --workers 2 --install   # 59 min on 2 cores (docs/benchmarks.md)
+    python -m training.pipeline --preset demo --workers 2 --install   # 54 min on 2 cores (docs/benchmarks.md)
     python -m training.pipeline --preset smoke                        # < 3 min: checks that the loss falls
 
 1. data: LLaVA-format JSONL rendered from the envs (``training.synthetic``), and oracle
