@@ -74,6 +74,7 @@ from model.longllava import LongLLaVA
 
 from . import synthetic
 from .config import DataSource, TrainConfig
+from .data import read_records
 from .distributed import fit
 from .synthetic import EVAL_SEED, data_seed
 from .tower import pretrain_tower
@@ -92,7 +93,9 @@ RECALL_SPANS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # is a sum over its labelled tokens): a micro-batch pads to its longest sample, and with the
 # recall run's gaps of 1 to 64 screens padded batches took it 2.7x as long (docs/benchmarks.md)
 ONE_AT_A_TIME = frozenset({"recall"})
-EVAL_SAMPLES = 16  # each run's eval set: the first records of its main data, scored before and after it
+# each run's eval set: the first records of its main data, scored before and after it; the run
+# trains on them too, so they tell whether its loss fell, not how well it generalises
+EVAL_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -252,11 +255,14 @@ def loss_ends(metrics: Path) -> tuple[float, float]:
     logged losses and of its last five (fewer in a short run). The training loss judged a
     trajectory run badly: its first steps at the warm-up rate already fitted the episodes
     they drew, and the full rate then lifted the loss (docs/benchmarks.md)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
-    if rows[0]["step"] == 0 and len(evals) > 1:
-        return evals[0], evals[-1]
-    curve = [row["loss"] for row in rows]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    start = next((row["eval_loss"] for row in rows if row["step"] == 0 and "eval_loss" in row), None)
+    later = [row["eval_loss"] for row in rows if row["step"] > 0 and "eval_loss" in row]
+    if start is not None and later:
+        return start, later[-1]
+    curve = [row["loss"] for row in rows if "loss" in row]
+    if not curve:
+        raise ValueError(f"{metrics} logs no loss")
     k = max(1, min(5, len(curve) // 2))
     return sum(curve[:k]) / k, sum(curve[-k:]) / k
 
@@ -266,8 +272,10 @@ def stage_configs(preset: Preset, files: dict[str, Path], runs: Path, seed: int,
         return DataSource(path=str(files[name]), fraction=fraction, mask_history=mask_history)
 
     def first(data: DataSource) -> DataSource:  # the fixed set that tells whether the run's loss fell
-        records = sum(1 for line in Path(data.path).read_text(encoding="utf-8").splitlines() if line.strip())
-        return data.model_copy(update={"fraction": min(1.0, EVAL_SAMPLES / records)})
+        records, _ = read_records(data.path, data.image_folder)
+        if not records:
+            raise ValueError(f"{data.path} holds no usable records")
+        return data.model_copy(update={"fraction": min(1.0, EVAL_SAMPLES / len(records))})
 
     plan = [  # (run, stage, data, settings where the recipe is not LongLLaVA's)
         ("align", "align", [source("captions")], {"trains": ("projector", "llm")}),  # the LLM starts random

@@ -39,8 +39,8 @@ from model.vision import fit_image, image_size, normalise_pixels
 from .synthetic import CELL_SLOTS, EMPTY
 
 SHOWING_WEIGHT = 5.0  # a slot that shows something counts 5 times an empty one
-# decoded screens kept in memory: each is read several times (the demo's 2,400 steps of 32
-# draw each of its 6,000 screens about 13 times), and decoding a PNG took a fifth of a step
+# decoded screens kept in memory: each is drawn several times (the demo's 1,700 toolbar steps
+# of 32 draw each of its 6,000 toolbars about 9 times), and decoding a PNG took a fifth of a step
 CACHE_BYTES = 1 << 30
 
 

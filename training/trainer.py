@@ -284,10 +284,10 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=start, desc=config.stage, unit="step",
                    disable=not (config.progress and self.rank == 0), dynamic_ncols=True)
-        began, tokens_seen = time.perf_counter(), 0
         try:
             if config.eval_on_start and start == 0 and self.eval_set is not None:
                 metrics.write(0, {"eval_loss": self.evaluate()})
+            began, tokens_seen = time.perf_counter(), 0  # tokens_per_s counts training alone
             for step in range(start, self.total_steps):
                 values = self._train_step(step)
                 tokens_seen += values["tokens"]

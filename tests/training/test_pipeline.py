@@ -64,6 +64,12 @@ def test_whether_a_run_learnt_is_judged_on_its_eval_set_or_five_logged_losses_at
     rows = [{"step": 0, "eval_loss": 2.5}, {"step": 1, "loss": 0.05}, {"step": 2, "loss": 0.6, "eval_loss": 0.7}]
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert loss_ends(metrics) == (2.5, 0.7)
+    # a run rerun from step 0 after an unfinished one appends its eval rows to the same file
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in [{"step": 1, "loss": 3.0}, *rows]))
+    assert loss_ends(metrics) == (2.5, 0.7)
+    metrics.write_text("")
+    with pytest.raises(ValueError, match="logs no loss"):
+        loss_ends(metrics)
 
 
 def test_the_shipped_weights_lie_between_the_last_run_and_the_one_it_started_from(tmp_path):
@@ -116,8 +122,9 @@ def test_with_workers_each_stage_splits_its_steps_samples_and_keeps_their_number
     """``--workers 2``: the same samples per optimizer step as one worker (so the same
     updates: tests/training/test_distributed.py), half of them on each Ray Train worker."""
     files = {name: tmp_path / f"{name}.jsonl" for name in ("captions", "codes", "questions", "sequences", "recalls", "clicks", "texts", "trajectories")}
-    for path in files.values():  # each run's eval set is the first records of its data
-        path.write_text("{}\n" * 64)
+    record = json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
+    for path in files.values():  # each run's eval set is the first records of its data, counted when configured
+        path.write_text((record + "\n") * 64)
     one, two = (stage_configs(PRESETS["demo"], files, tmp_path, seed=0, workers=n) for n in (1, 2))
     assert [c.num_workers for c in two] == [2] * len(PRESETS["demo"].steps)
     assert [c.samples_per_step for c in two] == [c.samples_per_step for c in one] == list(PRESETS["demo"].batch.values())
